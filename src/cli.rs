@@ -1,0 +1,33 @@
+//! Command line.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{ControllerArgs, NodeArgs};
+use crate::telemetry::LogFormat;
+
+/// Strata: node-local block volumes with incremental snapshots, as a CSI driver.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, env = "STRATA_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log level or filter (RUST_LOG syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, env = "STRATA_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Roles and verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the CSI controller (Identity + Controller).
+    Controller(ControllerArgs),
+    /// Run the node plugin (Identity + Node for the kubelet, agent API for the controller).
+    Node(NodeArgs),
+    /// Guided local run: a controller and a node on temporary directories, a volume created,
+    /// staged, published, written, read back and cleaned up. Needs root (loop devices, mounts).
+    Demo(crate::demo::DemoArgs),
+}

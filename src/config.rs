@@ -1,0 +1,237 @@
+//! Configuration: flags, with environment fallbacks, over an optional YAML file (`--config`).
+//! Precedence: flag > environment > file > built-in default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Configuration errors (reported before anything starts).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The YAML file could not be read or parsed.
+    #[error("config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is missing or malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `strata controller` settings.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControllerArgs {
+    /// YAML file with any of these settings (camelCase keys).
+    #[arg(long, env = "STRATA_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// CSI endpoint: a unix socket path (`unix://` prefix accepted).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub csi_endpoint: Option<String>,
+    /// Agent discovery: `static` (use --agents) or `kube` (pods of the node DaemonSet).
+    #[arg(long, env = "STRATA_AGENT_DISCOVERY")]
+    pub agent_discovery: Option<String>,
+    /// Static agent map: `node-a=127.0.0.1:7001,node-b=127.0.0.1:7002`.
+    #[arg(long, env = "STRATA_AGENTS")]
+    pub agents: Option<String>,
+    /// Namespace of the node DaemonSet (kube discovery).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub agent_namespace: Option<String>,
+    /// Label selector of the node DaemonSet's pods (kube discovery).
+    #[arg(long, env = "STRATA_AGENT_SELECTOR")]
+    pub agent_selector: Option<String>,
+    /// Agent port on the node pods (kube discovery).
+    #[arg(long, env = "STRATA_AGENT_PORT")]
+    pub agent_port: Option<u16>,
+    /// File holding the shared agent token.
+    #[arg(long, env = "STRATA_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+    /// Address for `/metrics` and `/healthz`; none by default.
+    #[arg(long, env = "STRATA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// `strata node` settings.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeArgs {
+    /// YAML file with any of these settings (camelCase keys).
+    #[arg(long, env = "STRATA_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// CSI endpoint for the kubelet: a unix socket path (`unix://` prefix accepted).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub csi_endpoint: Option<String>,
+    /// This node's name (the Kubernetes Node name in a cluster).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's zone; in a cluster, read from the Node's topology.kubernetes.io/zone label when unset.
+    #[arg(long, env = "STRATA_ZONE")]
+    pub zone: Option<String>,
+    /// Storage directory for backing files and records.
+    #[arg(long, env = "STRATA_STORAGE_DIR")]
+    pub storage_dir: Option<PathBuf>,
+    /// Address the agent API listens on.
+    #[arg(long, env = "STRATA_AGENT_LISTEN")]
+    pub agent_listen: Option<SocketAddr>,
+    /// File holding the shared agent token.
+    #[arg(long, env = "STRATA_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+    /// Most volumes this node holds.
+    #[arg(long, env = "STRATA_MAX_VOLUMES")]
+    pub max_volumes: Option<u32>,
+    /// Address for `/metrics` and `/healthz`; none by default.
+    #[arg(long, env = "STRATA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+fn load<T: for<'de> Deserialize<'de> + Default>(path: &Option<PathBuf>) -> Result<T, ConfigError> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_yaml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// The CSI socket path from an endpoint string.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
+    let p = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !p.starts_with('/') {
+        return Err(ConfigError::Invalid(format!(
+            "CSI endpoint {endpoint:?} must be an absolute unix socket path"
+        )));
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// Parses `node=host:port,...`.
+pub fn parse_agents(s: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut m = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (node, addr) = part
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Invalid(format!("agent entry {part:?} is not node=host:port")))?;
+        crate::ids::check_name("node name", node).map_err(ConfigError::Invalid)?;
+        if !addr.contains(':') {
+            return Err(ConfigError::Invalid(format!(
+                "agent address {addr:?} needs a port"
+            )));
+        }
+        m.insert(node.to_owned(), addr.to_owned());
+    }
+    Ok(m)
+}
+
+/// Reads the agent token: `STRATA_AGENT_TOKEN`, else the token file.
+pub fn agent_token(file: &Option<PathBuf>) -> Result<crate::agent::auth::Token, ConfigError> {
+    let raw = match (std::env::var("STRATA_AGENT_TOKEN"), file) {
+        (Ok(t), _) if !t.is_empty() => t,
+        (_, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| ConfigError::Invalid(format!("agent token file {}: {e}", f.display())))?,
+        _ => {
+            return Err(ConfigError::Invalid(
+                "an agent token is required (--agent-token-file or STRATA_AGENT_TOKEN): the agent API is never open".into(),
+            ))
+        }
+    };
+    crate::agent::auth::Token::new(&raw).map_err(ConfigError::Invalid)
+}
+
+macro_rules! merge_fields {
+    ($cli:expr, $file:expr, $($f:ident),*) => {{
+        let (mut c, f) = ($cli, $file);
+        $( if c.$f.is_none() { c.$f = f.$f; } )*
+        c
+    }};
+}
+
+impl ControllerArgs {
+    /// Flags over the config file.
+    pub fn resolve(self) -> Result<Self, ConfigError> {
+        let file: Self = load(&self.config)?;
+        Ok(merge_fields!(
+            self,
+            file,
+            csi_endpoint,
+            agent_discovery,
+            agents,
+            agent_namespace,
+            agent_selector,
+            agent_port,
+            agent_token_file,
+            metrics_addr
+        ))
+    }
+}
+
+impl NodeArgs {
+    /// Flags over the config file.
+    pub fn resolve(self) -> Result<Self, ConfigError> {
+        let file: Self = load(&self.config)?;
+        Ok(merge_fields!(
+            self,
+            file,
+            csi_endpoint,
+            node_name,
+            zone,
+            storage_dir,
+            agent_listen,
+            agent_token_file,
+            max_volumes,
+            metrics_addr
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "nodeName: from-file\nzone: z-file\nmaxVolumes: 9\n").unwrap();
+        let a = NodeArgs {
+            config: Some(f),
+            zone: Some("z-flag".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(a.node_name.as_deref(), Some("from-file"));
+        assert_eq!(a.zone.as_deref(), Some("z-flag"));
+        assert_eq!(a.max_volumes, Some(9));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_agents_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "nodeNmae: typo\n").unwrap();
+        assert!(NodeArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .is_err());
+        assert!(parse_agents("a=1.2.3.4").is_err());
+        assert_eq!(parse_agents("a=127.0.0.1:1, b=127.0.0.1:2").unwrap().len(), 2);
+        assert!(socket_path("relative.sock").is_err());
+        assert_eq!(
+            socket_path("unix:///csi/csi.sock").unwrap(),
+            PathBuf::from("/csi/csi.sock")
+        );
+    }
+}

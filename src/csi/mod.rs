@@ -1,0 +1,12 @@
+//! gRPC adapters for the CSI services. A handler reads as: validate, take the volume guard, call
+//! the domain layer, map the result (errors are mapped in `status`).
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+pub mod op_guard;
+pub mod status;
+pub mod validate;
+
+/// The CSI driver name.
+pub const DRIVER_NAME: &str = "strata.csi.dev";

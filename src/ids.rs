@@ -1,0 +1,115 @@
+//! Identifiers and names that reach file paths or objects, and how they are made.
+
+/// Longest id or name accepted anywhere (the CSI spec recommends at most 128 bytes).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Fixed namespace for name-derived volume ids: the same CreateVolume name always yields the
+/// same id, which makes CreateVolume idempotent even across a controller restart.
+const VOLUME_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5f1a_7a3e_2c4b_4d8e_9a61_0c3b_7e2d_9f10);
+
+/// The volume id for a CreateVolume name.
+pub fn volume_id_for_name(name: &str) -> String {
+    format!("vol-{}", uuid::Uuid::new_v5(&VOLUME_NAMESPACE, name.as_bytes()))
+}
+
+/// Checks an id that may become a path component: non-empty, bounded, only `[A-Za-z0-9._:-]`,
+/// not starting with a dot (so never `.` or `..`).
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("{what} is longer than {MAX_ID_LEN} bytes"));
+    }
+    if id.starts_with('.') {
+        return Err(format!("{what} {id:?} starts with a dot"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+    {
+        return Err(format!(
+            "{what} {:?} contains the character {c:?}",
+            id.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a free-form name (CreateVolume name): non-empty, bounded, no control characters.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if name.len() > MAX_ID_LEN {
+        return Err(format!("{what} is longer than {MAX_ID_LEN} bytes"));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err(format!("{what} contains a control character"));
+    }
+    Ok(())
+}
+
+/// Checks a path handed to us by the CO: absolute, no NUL, no `..` component, bounded.
+pub fn check_path(what: &str, path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if path.len() > 4096 {
+        return Err(format!("{what} is longer than 4096 bytes"));
+    }
+    if !path.starts_with('/') {
+        return Err(format!("{what} {path:?} is not absolute"));
+    }
+    if path.contains('\0') {
+        return Err(format!("{what} contains NUL"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(format!("{what} {path:?} contains '..'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "a\0b",
+            ".hidden",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            assert!(check_id("id", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            "vol-1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            "some-vol_id.1",
+            "store:snap-x",
+        ] {
+            assert!(check_id("id", good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        for bad in ["", "relative", "/a/../b", "/a\0", "/.."] {
+            assert!(check_path("p", bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_path("p", "/var/lib/kubelet/x").is_ok());
+    }
+
+    #[test]
+    fn volume_ids_are_stable_per_name() {
+        assert_eq!(volume_id_for_name("pvc-1"), volume_id_for_name("pvc-1"));
+        assert_ne!(volume_id_for_name("pvc-1"), volume_id_for_name("pvc-2"));
+        assert!(check_id("id", &volume_id_for_name("pvc-1")).is_ok());
+    }
+}

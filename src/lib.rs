@@ -1,0 +1,44 @@
+//! Strata: a Kubernetes CSI driver for node-local block volumes with EBS-style incremental
+//! snapshots in S3.
+//!
+//! # Architecture
+//!
+//! One binary, several roles:
+//!
+//! * `strata controller` serves CSI Identity + Controller on a unix socket beside the upstream
+//!   sidecars. It keeps no state: volume ids are derived from CreateVolume names, and agents are
+//!   asked where a volume is ([`controller::directory`]); placement follows CSI topology
+//!   ([`controller::placement`]).
+//! * `strata node` serves CSI Identity + Node for the kubelet on a unix socket, and the agent API
+//!   ([`agent`]) on TCP for the controller. Both drive the [`volume::VolumeManager`], which owns the
+//!   storage directory: sparse backing files, loop devices, filesystems, bind mounts.
+//!
+//! # Locking
+//!
+//! | operation | excludes |
+//! |---|---|
+//! | any CSI/agent call on volume V | any other call on V ([`csi::op_guard`], answers ABORTED) |
+//! | create, expand (space accounting) | each other, node-wide (`VolumeManager::space_lock`) |
+//!
+//! # Persistence
+//!
+//! Records are written atomically (temp file, fsync, rename, fsync directory) with a magic header,
+//! version and CRC ([`volume::record`]). Kernel state (loop devices, mounts) is never cached: it is
+//! re-read from sysfs and mountinfo, so a restarted agent sees what is really there.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod controller;
+pub mod csi;
+pub mod demo;
+pub mod ids;
+pub mod kube;
+pub mod proto;
+pub mod service;
+pub mod telemetry;
+pub mod topology;
+pub mod volume;

@@ -1,0 +1,16 @@
+use clap::Parser;
+use strata::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    strata::telemetry::init_logging(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::Controller(args) => {
+            strata::service::run_controller(args, strata::service::shutdown_on_signal()).await?
+        }
+        Command::Node(args) => strata::service::run_node(args, strata::service::shutdown_on_signal()).await?,
+        Command::Demo(args) => strata::demo::run(args).await?,
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! Starting the long-running processes: `strata controller` and `strata node`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::agent::auth::CheckToken;
+use crate::agent::server::AgentService;
+use crate::config::{self, ConfigError, ControllerArgs, NodeArgs};
+use crate::controller::directory::{Directory, Discovery};
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::csi::op_guard::OpGuard;
+use crate::proto::agent::agent_server::AgentServer;
+use crate::proto::csi::controller_server::ControllerServer;
+use crate::proto::csi::identity_server::IdentityServer;
+use crate::proto::csi::node_server::NodeServer;
+use crate::telemetry::{self, Metrics};
+use crate::volume::VolumeManager;
+
+/// Why a process could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The storage directory could not be opened.
+    #[error("storage directory: {0}")]
+    Storage(#[from] crate::volume::Error),
+    /// A socket could not be bound or served.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The Kubernetes API was needed and failed.
+    #[error("kubernetes: {0}")]
+    Kube(String),
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListenerStream, ServiceError> {
+    let io = |context: String| move |source| ServiceError::Io { context, source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    }
+    // A socket left by a previous run (crash, kill -9) would make bind fail.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("remove stale {}", path.display()))(e)),
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(io(format!("bind {}", path.display())))?;
+    Ok(UnixListenerStream::new(l))
+}
+
+fn spawn_metrics(addr: Option<std::net::SocketAddr>, metrics: Arc<Metrics>, cancel: &CancellationToken) {
+    if let Some(addr) = addr {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve_http(addr, metrics, async move { c.cancelled().await }).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+}
+
+/// Runs the controller until `cancel` fires.
+pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> Result<(), ServiceError> {
+    let args = args.resolve()?;
+    let socket = config::socket_path(
+        args.csi_endpoint
+            .as_deref()
+            .unwrap_or("/run/strata/controller.sock"),
+    )?;
+    let token = config::agent_token(&args.agent_token_file)?;
+    let discovery = match args.agent_discovery.as_deref().unwrap_or("static") {
+        "static" => Discovery::Static(config::parse_agents(args.agents.as_deref().unwrap_or(""))?),
+        "kube" => Discovery::Kube {
+            client: kube::Client::try_default()
+                .await
+                .map_err(|e| ServiceError::Kube(e.to_string()))?,
+            namespace: args
+                .agent_namespace
+                .clone()
+                .unwrap_or_else(|| "kube-system".into()),
+            selector: args
+                .agent_selector
+                .clone()
+                .unwrap_or_else(|| "app.kubernetes.io/name=strata,app.kubernetes.io/component=node".into()),
+            port: args.agent_port.unwrap_or(7001),
+        },
+        other => {
+            return Err(
+                ConfigError::Invalid(format!("unknown agent discovery {other:?} (static or kube)")).into(),
+            )
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    spawn_metrics(args.metrics_addr, metrics.clone(), &cancel);
+    let controller = ControllerService {
+        directory: Arc::new(Directory::new(discovery, token)),
+        guard: OpGuard::default(),
+        metrics,
+    };
+    let identity = IdentityService {
+        controller: true,
+        ready: Arc::new(|| true),
+    };
+    let incoming = bind_unix(&socket)?;
+    tracing::info!(socket = %socket.display(), "controller serving CSI");
+    Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(controller))
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+        .await?;
+    Ok(())
+}
+
+/// Runs a node plugin (CSI Node for the kubelet, agent API for the controller) until `cancel` fires.
+pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), ServiceError> {
+    let args = args.resolve()?;
+    let socket = config::socket_path(args.csi_endpoint.as_deref().unwrap_or("/run/strata/node.sock"))?;
+    let node_name = args
+        .node_name
+        .clone()
+        .ok_or_else(|| ConfigError::Invalid("--node-name (or NODE_NAME) is required".into()))?;
+    crate::ids::check_name("node name", &node_name).map_err(ConfigError::Invalid)?;
+    let token = config::agent_token(&args.agent_token_file)?;
+    let zone = match args.zone.clone() {
+        Some(z) => z,
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| ServiceError::Kube(e.to_string()))?;
+            crate::kube::zone_of_node(&client, &node_name)
+                .await
+                .map_err(|e| ServiceError::Kube(e.to_string()))?
+        }
+        None => String::new(),
+    };
+    let storage = args
+        .storage_dir
+        .clone()
+        .unwrap_or_else(|| "/var/lib/strata".into());
+    let manager = Arc::new(VolumeManager::open(
+        &storage,
+        &node_name,
+        args.max_volumes.unwrap_or(256),
+    )?);
+    let guard = OpGuard::default();
+    let metrics = Arc::new(Metrics::default());
+    spawn_metrics(args.metrics_addr, metrics.clone(), &cancel);
+
+    let agent_addr = args
+        .agent_listen
+        .unwrap_or_else(|| "0.0.0.0:7001".parse().expect("valid address"));
+    let agent = AgentService {
+        manager: manager.clone(),
+        guard: guard.clone(),
+        zone: zone.clone(),
+    };
+    let agent_listener = tokio::net::TcpListener::bind(agent_addr)
+        .await
+        .map_err(|source| ServiceError::Io {
+            context: format!("bind agent {agent_addr}"),
+            source,
+        })?;
+    let agent_cancel = cancel.clone();
+    let agent_task = tokio::spawn(
+        Server::builder()
+            .add_service(AgentServer::with_interceptor(agent, CheckToken(token)))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(agent_listener),
+                async move { agent_cancel.cancelled().await },
+            ),
+    );
+
+    let root = manager.root().to_owned();
+    let identity = IdentityService {
+        controller: false,
+        ready: Arc::new(move || root.is_dir()),
+    };
+    let node = NodeService {
+        manager,
+        guard,
+        zone: zone.clone(),
+        metrics,
+    };
+    let incoming = bind_unix(&socket)?;
+    tracing::info!(node = %node_name, zone = %zone, socket = %socket.display(), agent = %agent_addr, storage = %storage.display(), "node serving");
+    let csi = Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(NodeServer::new(node))
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled())
+        .await;
+    cancel.cancel();
+    let agent_result = agent_task.await.expect("agent server task panicked");
+    csi?;
+    agent_result?;
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
