@@ -1,0 +1,340 @@
+//! The local multi-node test bed: a real controller and real node agents (this crate's binary)
+//! on temporary directories, over unix sockets and loopback TCP, driven by the generated CSI
+//! clients. Dropping the bed kills the processes and removes every mount and loop device under its
+//! directory, also when the test failed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use strata::client::{connect_unix, wait_for_socket};
+use strata::proto::csi as pb;
+use strata::proto::csi::controller_client::ControllerClient;
+use strata::proto::csi::identity_client::IdentityClient;
+use strata::proto::csi::node_client::NodeClient;
+use strata::proto::csi::volume_capability::{access_mode::Mode, AccessType, BlockVolume, MountVolume};
+use tonic::transport::Channel;
+
+pub const TOKEN: &str = "test-agent-token-0123456789";
+pub const BIN: &str = env!("CARGO_BIN_EXE_strata");
+
+pub struct NodeProc {
+    pub name: String,
+    pub zone: String,
+    pub socket: PathBuf,
+    pub storage: PathBuf,
+    pub agent_port: u16,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct TestBed {
+    pub dir: PathBuf,
+    pub controller_socket: PathBuf,
+    pub controller: Option<Child>,
+    pub nodes: Vec<NodeProc>,
+    token_file: PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests attach loop devices and mount filesystems: run them as root"
+    );
+}
+
+impl TestBed {
+    /// A controller and one node per `(name, zone)`.
+    pub async fn start(nodes: &[(&str, &str)]) -> Self {
+        Self::start_with(nodes, &[]).await
+    }
+
+    /// Same, with extra arguments for every node (e.g. `--max-volumes=2`).
+    pub async fn start_with(nodes: &[(&str, &str)], node_args: &[&str]) -> Self {
+        require_root();
+        let dir = std::env::temp_dir().join(format!("strata-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("agent.token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let mut bed = TestBed {
+            controller_socket: dir.join("controller.sock"),
+            controller: None,
+            nodes: Vec::new(),
+            token_file,
+            dir,
+        };
+        for (name, zone) in nodes {
+            let n = NodeProc {
+                name: name.to_string(),
+                zone: zone.to_string(),
+                socket: bed.dir.join(format!("{name}.sock")),
+                storage: bed.dir.join(format!("storage-{name}")),
+                agent_port: free_port(),
+                log: bed.dir.join(format!("{name}.log")),
+                child: None,
+            };
+            bed.nodes.push(n);
+        }
+        for i in 0..bed.nodes.len() {
+            bed.start_node(i, node_args).await;
+        }
+        let agents: Vec<String> = bed
+            .nodes
+            .iter()
+            .map(|n| format!("{}=127.0.0.1:{}", n.name, n.agent_port))
+            .collect();
+        let log = std::fs::File::create(bed.dir.join("controller.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("controller")
+            .arg(format!("--csi-endpoint={}", bed.controller_socket.display()))
+            .arg(format!("--agents={}", agents.join(",")))
+            .arg(format!("--agent-token-file={}", bed.token_file.display()))
+            .env("STRATA_LOG_LEVEL", "debug")
+            .env_remove("STRATA_AGENT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        bed.controller = Some(child);
+        assert!(
+            wait_for_socket(&bed.controller_socket, Duration::from_secs(20)).await,
+            "controller did not start"
+        );
+        bed
+    }
+
+    pub async fn start_node(&mut self, i: usize, extra: &[&str]) {
+        let n = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("node")
+            .arg(format!("--csi-endpoint={}", n.socket.display()))
+            .arg(format!("--node-name={}", n.name))
+            .arg(format!("--zone={}", n.zone))
+            .arg(format!("--storage-dir={}", n.storage.display()))
+            .arg(format!("--agent-listen=127.0.0.1:{}", n.agent_port))
+            .arg(format!("--agent-token-file={}", self.token_file.display()))
+            .args(extra)
+            .env("STRATA_LOG_LEVEL", "debug")
+            .env_remove("STRATA_AGENT_TOKEN")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        n.child = Some(child);
+        let _ = std::fs::remove_file(&n.socket);
+        assert!(
+            wait_for_socket(&n.socket, Duration::from_secs(20)).await,
+            "node {} did not start",
+            n.name
+        );
+        // The agent port too.
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", n.agent_port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("agent of {} did not listen", n.name);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(connect_unix(&self.controller_socket).await.unwrap())
+    }
+
+    pub async fn controller_identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(connect_unix(&self.controller_socket).await.unwrap())
+    }
+
+    pub async fn node(&self, i: usize) -> NodeClient<Channel> {
+        NodeClient::new(connect_unix(&self.nodes[i].socket).await.unwrap())
+    }
+
+    pub async fn node_identity(&self, i: usize) -> IdentityClient<Channel> {
+        IdentityClient::new(connect_unix(&self.nodes[i].socket).await.unwrap())
+    }
+
+    /// Paths for the kubelet's staging and publish directories of a volume.
+    pub fn kubelet_paths(&self, tag: &str) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("kubelet/staging").join(tag),
+            self.dir.join("kubelet/pods").join(tag).join("mount"),
+        )
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                s.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        s
+    }
+}
+
+/// Unmounts everything below `dir` (deepest first) and detaches loop devices backed by files in it.
+pub fn cleanup_kernel_state(dir: &Path) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = strata::volume::sys::parse_mountinfo(&info)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(&p).status();
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                if Path::new(b.trim()).starts_with(dir) {
+                    let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+                    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        cleanup_kernel_state(&self.dir);
+        if std::thread::panicking() {
+            eprintln!(
+                "test bed kept for inspection: {}\n--- logs ---\n{}",
+                self.dir.display(),
+                self.logs()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn mount_cap(fs: &str) -> pb::VolumeCapability {
+    mount_cap_mode(fs, Mode::SingleNodeWriter)
+}
+
+pub fn mount_cap_mode(fs: &str, mode: Mode) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_mode: Some(pb::volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn block_cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+pub fn create_req(name: &str, bytes: i64, cap: pb::VolumeCapability) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+pub fn topo(pairs: &[(&str, &str)]) -> pb::Topology {
+    pb::Topology {
+        segments: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+pub fn stage_req(id: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
+    pb::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+    readonly: bool,
+) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_req(id: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
+    pb::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.to_string_lossy().into(),
+    }
+}
+
+pub fn unstage_req(id: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
+    pb::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+    }
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+pub const MIB: i64 = 1 << 20;
