@@ -13,6 +13,9 @@ use crate::ids;
 const VOLUME_RECORD: &str = "volume";
 const STAGE_RECORD: &str = "stage";
 
+/// A filesystem this much smaller than its device is grown (xfs also loses its log to statvfs).
+const GROW_SLACK: u64 = 4 << 20;
+
 /// Filesystems we make and grow.
 pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs"];
 
@@ -548,7 +551,7 @@ impl VolumeManager {
             return false;
         };
         match (dev.size_bytes(), sys::statvfs(&stage)) {
-            (Ok(d), Ok(fs)) => fs.total_bytes + d / 20 < d,
+            (Ok(d), Ok(fs)) => fs.total_bytes + d / 10 < d,
             _ => false,
         }
     }
@@ -640,7 +643,21 @@ impl VolumeManager {
                         }
                         Some(_) => {}
                     }
+                    // A volume expanded while unstaged: grow ext4 before mounting (offline growth
+                    // works without CAP_SYS_RESOURCE); xfs only grows mounted, below.
+                    let dev_size = dev.size_bytes()?;
+                    if wanted.fs_type == "ext4" && sys::ext4_size(&dev.path()).await? + GROW_SLACK < dev_size
+                    {
+                        tracing::info!(volume.id = %id, "growing ext4 to the volume size before mounting");
+                        sys::ext4_grow_offline(&dev.path()).await?;
+                    }
                     sys::mount_fs(&dev.path(), staging_path, &wanted.fs_type, &wanted.mount_flags).await?;
+                    if wanted.fs_type == "xfs"
+                        && sys::statvfs(staging_path)?.total_bytes + GROW_SLACK * 16 < dev_size
+                    {
+                        tracing::info!(volume.id = %id, "growing xfs to the volume size");
+                        sys::grow_fs(&dev.path(), staging_path, "xfs").await?;
+                    }
                 }
             }
         }

@@ -324,6 +324,43 @@ pub async fn grow_fs(device: &Path, mount_point: &Path, fs_type: &str) -> Result
     }
 }
 
+/// Size in bytes of the ext4 filesystem on an (unmounted) device, from its superblock.
+pub async fn ext4_size(device: &Path) -> Result<u64, SysError> {
+    let out = run("dumpe2fs", &["-h", &device.to_string_lossy()]).await?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| SysError {
+                command: "dumpe2fs".into(),
+                message: format!("no {name} in superblock"),
+            })
+    };
+    Ok(field("Block count:")? * field("Block size:")?)
+}
+
+/// Grows an unmounted ext4 filesystem to its device (needs no CAP_SYS_RESOURCE, unlike online).
+pub async fn ext4_grow_offline(device: &Path) -> Result<(), SysError> {
+    let dev = device.to_string_lossy();
+    // resize2fs insists on a freshly checked filesystem; exit 1 means "errors corrected".
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p", &dev])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| SysError {
+            command: format!("e2fsck {dev}"),
+            message: e.to_string(),
+        })?;
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(SysError {
+            command: format!("e2fsck -f -p {dev}"),
+            message: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        });
+    }
+    run("resize2fs", &[&dev]).await.map(drop)
+}
+
 /// Space of the filesystem holding `path`: (total, available, total inodes, free inodes, used inodes).
 pub fn statvfs(path: &Path) -> Result<FsStats, SysError> {
     let s = nix::sys::statvfs::statvfs(path).map_err(|e| SysError {
