@@ -138,7 +138,10 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
     let token = config::agent_token(&args.agent_token_file)?;
     let zone = match args.zone.clone() {
         Some(z) => z,
-        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+        // In a cluster (or with a kubeconfig), the Node object's zone label is the source.
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+            || std::env::var_os("KUBECONFIG").is_some() =>
+        {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| ServiceError::Kube(e.to_string()))?;

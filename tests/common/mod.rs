@@ -21,7 +21,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_strata");
 
 pub struct NodeProc {
     pub name: String,
-    pub zone: String,
+    /// `None`: no --zone flag (the zone then comes from the Node object through KUBECONFIG).
+    pub zone: Option<String>,
+    /// Loopback address the agent listens on.
+    pub agent_host: String,
     pub socket: PathBuf,
     pub storage: PathBuf,
     pub agent_port: u16,
@@ -35,6 +38,21 @@ pub struct TestBed {
     pub controller: Option<Child>,
     pub nodes: Vec<NodeProc>,
     token_file: PathBuf,
+    /// Extra environment for every process.
+    env: Vec<(String, String)>,
+}
+
+/// How to start a bed when the defaults do not fit.
+#[derive(Default)]
+pub struct BedSpec {
+    /// (name, zone or None, agent host, agent port or None for a free one)
+    pub nodes: Vec<(String, Option<String>, String, Option<u16>)>,
+    /// Controller arguments replacing the static agent map.
+    pub controller_args: Option<Vec<String>>,
+    /// Extra arguments for every node.
+    pub node_args: Vec<String>,
+    /// Extra environment for every process.
+    pub env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -60,6 +78,18 @@ impl TestBed {
 
     /// Same, with extra arguments for every node (e.g. `--max-volumes=2`).
     pub async fn start_with(nodes: &[(&str, &str)], node_args: &[&str]) -> Self {
+        Self::start_spec(BedSpec {
+            nodes: nodes
+                .iter()
+                .map(|(n, z)| (n.to_string(), Some(z.to_string()), "127.0.0.1".to_string(), None))
+                .collect(),
+            node_args: node_args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn start_spec(spec: BedSpec) -> Self {
         require_root();
         let dir = std::env::temp_dir().join(format!("strata-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -71,35 +101,43 @@ impl TestBed {
             nodes: Vec::new(),
             token_file,
             dir,
+            env: spec.env.clone(),
         };
-        for (name, zone) in nodes {
+        for (name, zone, host, port) in spec.nodes {
             let n = NodeProc {
-                name: name.to_string(),
-                zone: zone.to_string(),
                 socket: bed.dir.join(format!("{name}.sock")),
                 storage: bed.dir.join(format!("storage-{name}")),
-                agent_port: free_port(),
+                agent_port: port.unwrap_or_else(free_port),
                 log: bed.dir.join(format!("{name}.log")),
                 child: None,
+                name,
+                zone,
+                agent_host: host,
             };
             bed.nodes.push(n);
         }
+        let node_args: Vec<&str> = spec.node_args.iter().map(String::as_str).collect();
         for i in 0..bed.nodes.len() {
-            bed.start_node(i, node_args).await;
+            bed.start_node(i, &node_args).await;
         }
-        let agents: Vec<String> = bed
-            .nodes
-            .iter()
-            .map(|n| format!("{}=127.0.0.1:{}", n.name, n.agent_port))
-            .collect();
+        let controller_args = spec.controller_args.unwrap_or_else(|| {
+            let agents: Vec<String> = bed
+                .nodes
+                .iter()
+                .map(|n| format!("{}={}:{}", n.name, n.agent_host, n.agent_port))
+                .collect();
+            vec![format!("--agents={}", agents.join(","))]
+        });
         let log = std::fs::File::create(bed.dir.join("controller.log")).unwrap();
         let child = Command::new(BIN)
             .arg("controller")
             .arg(format!("--csi-endpoint={}", bed.controller_socket.display()))
-            .arg(format!("--agents={}", agents.join(",")))
+            .args(controller_args)
             .arg(format!("--agent-token-file={}", bed.token_file.display()))
             .env("STRATA_LOG_LEVEL", "strata=debug,info")
             .env_remove("STRATA_AGENT_TOKEN")
+            .env_remove("KUBECONFIG")
+            .envs(bed.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -120,25 +158,29 @@ impl TestBed {
             .append(true)
             .open(&n.log)
             .unwrap();
-        let child = Command::new(BIN)
-            .arg("node")
+        // A socket left by a killed process must not be mistaken for the new one.
+        let _ = std::fs::remove_file(&n.socket);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("node")
             .arg(format!("--csi-endpoint={}", n.socket.display()))
             .arg(format!("--node-name={}", n.name))
-            .arg(format!("--zone={}", n.zone))
             .arg(format!("--storage-dir={}", n.storage.display()))
-            .arg(format!("--agent-listen=127.0.0.1:{}", n.agent_port))
+            .arg(format!("--agent-listen={}:{}", n.agent_host, n.agent_port))
             .arg(format!("--agent-token-file={}", self.token_file.display()))
             .args(extra)
             .env("STRATA_LOG_LEVEL", "strata=debug,info")
             .env_remove("STRATA_AGENT_TOKEN")
             .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBECONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some(z) = &n.zone {
+            cmd.arg(format!("--zone={z}"));
+        }
+        let child = cmd.spawn().unwrap();
         n.child = Some(child);
-        let _ = std::fs::remove_file(&n.socket);
         assert!(
             wait_for_socket(&n.socket, Duration::from_secs(20)).await,
             "node {} did not start",
@@ -146,7 +188,7 @@ impl TestBed {
         );
         // The agent port too.
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", n.agent_port))
+            if tokio::net::TcpStream::connect((n.agent_host.as_str(), n.agent_port))
                 .await
                 .is_ok()
             {
