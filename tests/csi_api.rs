@@ -638,3 +638,43 @@ async fn secrets_never_reach_the_logs() {
     assert!(!logs.contains(secret), "a secret reached the logs");
     assert!(!logs.contains(TOKEN), "the agent token reached the logs");
 }
+
+#[tokio::test]
+async fn metrics_count_rpcs_by_method_and_code() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bed = TestBed::start_spec(BedSpec {
+        nodes: vec![("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None)],
+        node_args: vec![format!("--metrics-addr=127.0.0.1:{port}")],
+        ..Default::default()
+    })
+    .await;
+    let mut node = bed.node(0).await;
+    let (staging, _) = bed.kubelet_paths("m");
+    for _ in 0..3 {
+        let r = node
+            .node_stage_volume(stage_req("vol-missing", &staging, mount_cap("ext4")))
+            .await;
+        assert_eq!(code(r), Code::NotFound);
+    }
+    let get = |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(get("/healthz").await.contains("200 OK"));
+    let m = get("/metrics").await;
+    assert!(
+        m.contains(r#"strata_csi_requests_total{method="NodeStageVolume",code="NotFound"} 3"#),
+        "metrics were:\n{m}"
+    );
+    assert!(m.contains("strata_csi_request_seconds_bucket"));
+}

@@ -437,6 +437,10 @@ async fn stats_report_usage_and_inodes() {
     let mut missing = req();
     missing.volume_path = bed.dir.join("nope").to_string_lossy().into();
     assert_eq!(code(node.node_get_volume_stats(missing).await), Code::NotFound);
+    // A path that exists but is not where the volume is published: NOT_FOUND too.
+    let mut elsewhere = req();
+    elsewhere.volume_path = bed.dir.to_string_lossy().into();
+    assert_eq!(code(node.node_get_volume_stats(elsewhere).await), Code::NotFound);
 }
 
 #[tokio::test]

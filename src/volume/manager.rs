@@ -44,8 +44,8 @@ pub enum Error {
         /// The volume.
         volume_id: String,
     },
-    /// A path the caller named does not exist.
-    #[error("path {path} does not exist")]
+    /// A path the caller named does not exist or is not where the volume is staged/published.
+    #[error("volume is not staged or published at {path}")]
     PathNotFound {
         /// The path.
         path: PathBuf,
@@ -818,12 +818,9 @@ impl VolumeManager {
         }
         let mounted = v.staging_path.as_deref() == Some(path) || v.published.iter().any(|p| p == path);
         if !mounted {
-            return Err(Error::FailedPrecondition {
-                volume_id: id.to_owned(),
-                reason: format!(
-                    "{} is not a staged or published path of the volume",
-                    path.display()
-                ),
+            // The spec's answer for "not published at the given volume_path" is NOT_FOUND.
+            return Err(Error::PathNotFound {
+                path: path.to_owned(),
             });
         }
         let fs = sys::statvfs(path)?;
