@@ -41,12 +41,7 @@ async fn fs_round_trip(fs: &str, size: i64) {
         .await
         .unwrap();
     // Stage and publish twice: idempotent.
-    node.node_stage_volume(stage_req(&id, &staging, mount_cap(fs)))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap(fs), false))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, mount_cap(fs)).await;
     node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap(fs), false))
         .await
         .unwrap();
@@ -77,12 +72,7 @@ async fn fs_round_trip(fs: &str, size: i64) {
         "loop device left attached"
     );
 
-    node.node_stage_volume(stage_req(&id, &staging, mount_cap(fs)))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap(fs), false))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, mount_cap(fs)).await;
     assert!(
         std::fs::read(target.join("a.bin")).unwrap() == data,
         "data differs after restage"
@@ -101,12 +91,7 @@ async fn fs_round_trip(fs: &str, size: i64) {
         })
         .await;
     assert_eq!(code(del), Code::FailedPrecondition);
-    node.node_unpublish_volume(unpublish_req(&id, &target))
-        .await
-        .unwrap();
-    node.node_unstage_volume(unstage_req(&id, &staging))
-        .await
-        .unwrap();
+    detach(&mut node, &id, &staging, &target).await;
     ctl.delete_volume(pb::DeleteVolumeRequest {
         volume_id: id.clone(),
         ..Default::default()
@@ -132,12 +117,7 @@ async fn block_volume_data_round_trips() {
     let id = create(&bed, "blk", 64 * MIB, block_cap()).await;
     let mut node = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("blk");
-    node.node_stage_volume(stage_req(&id, &staging, block_cap()))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, block_cap(), false))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, block_cap()).await;
     let data = pattern(8 << 20, 11);
     {
         let mut dev = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
@@ -175,12 +155,7 @@ async fn block_volume_data_round_trips() {
     node.node_unpublish_volume(unpublish_req(&id, &ro_target))
         .await
         .unwrap();
-    node.node_unpublish_volume(unpublish_req(&id, &target))
-        .await
-        .unwrap();
-    node.node_unstage_volume(unstage_req(&id, &staging))
-        .await
-        .unwrap();
+    detach(&mut node, &id, &staging, &target).await;
     let backing = bed.nodes[0].storage.join("volumes").join(&id).join("data.img");
     assert!(
         strata::volume::sys::loops_for(&backing).is_empty(),
@@ -193,12 +168,7 @@ async fn block_volume_data_round_trips() {
     f.read_exact(&mut got).unwrap();
     assert!(got == data);
     // Stage and publish again: the data is there through the device.
-    node.node_stage_volume(stage_req(&id, &staging, block_cap()))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, block_cap(), false))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, block_cap()).await;
     let mut f = std::fs::File::open(&target).unwrap();
     f.seek(SeekFrom::Start(5 << 20)).unwrap();
     f.read_exact(&mut got).unwrap();
@@ -295,12 +265,7 @@ async fn online_expansion_grows_filesystem_and_keeps_data() {
         let id = create(&bed, "grow", 320 * MIB, mount_cap(fs)).await;
         let mut node = bed.node(0).await;
         let (staging, target) = bed.kubelet_paths("grow");
-        node.node_stage_volume(stage_req(&id, &staging, mount_cap(fs)))
-            .await
-            .unwrap();
-        node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap(fs), false))
-            .await
-            .unwrap();
+        attach(&mut node, &id, &staging, &target, mount_cap(fs)).await;
         let data = pattern(16 << 20, 3);
         write_file(&target.join("keep.bin"), &data);
         let before = fs_bytes(&target);
@@ -360,32 +325,17 @@ async fn expansion_while_unstaged_grows_filesystem_at_next_stage() {
         let id = create(&bed, "grow-offline", 320 * MIB, mount_cap(fs)).await;
         let mut node = bed.node(0).await;
         let (staging, target) = bed.kubelet_paths("g");
-        node.node_stage_volume(stage_req(&id, &staging, mount_cap(fs)))
-            .await
-            .unwrap();
-        node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap(fs), false))
-            .await
-            .unwrap();
+        attach(&mut node, &id, &staging, &target, mount_cap(fs)).await;
         let data = pattern(16 << 20, 9);
         write_file(&target.join("keep.bin"), &data);
         let before = fs_bytes(&target);
-        node.node_unpublish_volume(unpublish_req(&id, &target))
-            .await
-            .unwrap();
-        node.node_unstage_volume(unstage_req(&id, &staging))
-            .await
-            .unwrap();
+        detach(&mut node, &id, &staging, &target).await;
 
         assert_eq!(
             expand_to(&bed, &id, 1024 * MIB, fs).await.capacity_bytes,
             1024 * MIB
         );
-        node.node_stage_volume(stage_req(&id, &staging, mount_cap(fs)))
-            .await
-            .unwrap();
-        node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap(fs), false))
-            .await
-            .unwrap();
+        attach(&mut node, &id, &staging, &target, mount_cap(fs)).await;
         let after = fs_bytes(&target);
         assert!(
             after > before * 2,
@@ -404,12 +354,7 @@ async fn stats_report_usage_and_inodes() {
     let id = create(&bed, "st", 128 * MIB, mount_cap("ext4")).await;
     let mut node = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("st");
-    node.node_stage_volume(stage_req(&id, &staging, mount_cap("ext4")))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap("ext4"), false))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, mount_cap("ext4")).await;
     let req = || pb::NodeGetVolumeStatsRequest {
         volume_id: id.clone(),
         volume_path: target.to_string_lossy().into(),
@@ -456,12 +401,7 @@ async fn kill_9_of_the_agent_loses_nothing() {
     let data = pattern(12 << 20, 5);
     {
         let mut node = bed.node(node_i).await;
-        node.node_stage_volume(stage_req(&id, &staging, mount_cap("ext4")))
-            .await
-            .unwrap();
-        node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap("ext4"), false))
-            .await
-            .unwrap();
+        attach(&mut node, &id, &staging, &target, mount_cap("ext4")).await;
         write_file(&target.join("before-crash.bin"), &data);
     }
     bed.kill_node(node_i);
@@ -497,37 +437,17 @@ async fn kill_9_of_the_agent_loses_nothing() {
     assert_eq!(status.published_node_ids, vec![bed.nodes[node_i].name.clone()]);
     assert!(!status.volume_condition.unwrap().abnormal);
     // Repeated stage/publish are recognised as done.
-    node.node_stage_volume(stage_req(&id, &staging, mount_cap("ext4")))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap("ext4"), false))
-        .await
-        .unwrap();
-    node.node_unpublish_volume(unpublish_req(&id, &target))
-        .await
-        .unwrap();
-    node.node_unstage_volume(unstage_req(&id, &staging))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, mount_cap("ext4")).await;
+    detach(&mut node, &id, &staging, &target).await;
     assert!(!mounted(&staging) && !mounted(&target));
     // The next stage finds everything.
-    node.node_stage_volume(stage_req(&id, &staging, mount_cap("ext4")))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(&id, &staging, &target, mount_cap("ext4"), false))
-        .await
-        .unwrap();
+    attach(&mut node, &id, &staging, &target, mount_cap("ext4")).await;
     assert!(std::fs::read(target.join("before-crash.bin")).unwrap() == data);
     assert_eq!(
         std::fs::read(target.join("during-outage.txt")).unwrap(),
         b"agent was down"
     );
-    node.node_unpublish_volume(unpublish_req(&id, &target))
-        .await
-        .unwrap();
-    node.node_unstage_volume(unstage_req(&id, &staging))
-        .await
-        .unwrap();
+    detach(&mut node, &id, &staging, &target).await;
     ctl.delete_volume(pb::DeleteVolumeRequest {
         volume_id: id.clone(),
         ..Default::default()
@@ -557,12 +477,7 @@ async fn restore_in_another_zone_is_refused_by_topology_not_data() {
         .volume_id;
     let (staging, target) = bed.kubelet_paths("zb");
     let mut b = bed.node(1).await;
-    b.node_stage_volume(stage_req(&id, &staging, mount_cap("ext4")))
-        .await
-        .unwrap();
-    b.node_publish_volume(publish_req(&id, &staging, &target, mount_cap("ext4"), false))
-        .await
-        .unwrap();
+    attach(&mut b, &id, &staging, &target, mount_cap("ext4")).await;
     write_file(&target.join("z"), b"zone-b data");
     let mut a = bed.node(0).await;
     let (sa, _) = bed.kubelet_paths("za");

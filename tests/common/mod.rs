@@ -372,6 +372,30 @@ pub fn unstage_req(id: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
     }
 }
 
+/// NodeStage then NodePublish (read-write) with one capability, as the kubelet does.
+pub async fn attach(
+    node: &mut NodeClient<Channel>,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+) {
+    node.node_stage_volume(stage_req(id, staging, cap.clone()))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_req(id, staging, target, cap, false))
+        .await
+        .unwrap();
+}
+
+/// NodeUnpublish then NodeUnstage.
+pub async fn detach(node: &mut NodeClient<Channel>, id: &str, staging: &Path, target: &Path) {
+    node.node_unpublish_volume(unpublish_req(id, target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+}
+
 pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     match r {
         Ok(_) => tonic::Code::Ok,
