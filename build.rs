@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 std::path::PathBuf::from("proto/csi/v1/csi.proto"),
                 std::path::PathBuf::from("proto/strata/agent/v1/agent.proto"),
+                std::path::PathBuf::from("proto/strata/store/v1/manifest.proto"),
             ],
             &[std::path::PathBuf::from("proto"), include],
         )?;

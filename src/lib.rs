@@ -39,6 +39,8 @@ pub mod ids;
 pub mod kube;
 pub mod proto;
 pub mod service;
+pub mod snapshot;
+pub mod store;
 pub mod telemetry;
 pub mod topology;
 pub mod volume;

@@ -11,3 +11,9 @@ pub mod csi {
 pub mod agent {
     tonic::include_proto!("strata.agent.v1");
 }
+
+/// Persisted snapshot formats (`proto/strata/store/v1/manifest.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod store {
+    tonic::include_proto!("strata.store.v1");
+}
