@@ -1,4 +1,8 @@
 //! Snapshots: chunks, manifests, capture, upload, restore and garbage collection.
 
+pub mod capture;
 pub mod chunk;
+pub mod gc;
 pub mod manifest;
+pub mod restore;
+pub mod upload;

@@ -1,0 +1,404 @@
+//! Upload of a captured image: fixed-size chunks, holes and zero chunks recorded by absence,
+//! chunks found in the parent reused, new ones compressed and PUT in parallel; the manifest last.
+//!
+//! Resumable: every finished chunk is appended to a progress log next to the clone, so an upload
+//! interrupted by a crash continues where it was. Safe against GC: a lease listing the parent's
+//! chunks is written before any of them is relied upon (see [`super::gc`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::stream::{self, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::chunk::{self, Hash};
+use super::manifest::{self, lease_key, manifest_key, read_manifest, ManifestError};
+use crate::proto::store::{ChunkRef, Codec, Lease, Manifest, Stats};
+use crate::store::{Store, StoreError};
+
+/// What to upload.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct UploadSpec {
+    /// `snap-<uuid>`.
+    pub snapshot_id: String,
+    /// CreateSnapshot name.
+    pub name: String,
+    /// Source volume.
+    pub volume_id: String,
+    /// Lineage of the source volume.
+    pub lineage: String,
+    /// Snapshot to diff against; empty for a full snapshot.
+    pub parent_id: String,
+    /// When the image was captured.
+    pub capture_unix_ms: i64,
+    /// Volume size at capture.
+    pub size_bytes: u64,
+    /// Chunk size of the lineage.
+    pub chunk_size: u32,
+    /// Filesystem of the source volume (empty for block).
+    pub fs_type: String,
+    /// Source volume was a block volume.
+    pub block: bool,
+    /// Manifest tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Live progress, shared with status queries and metrics.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Chunks in the image.
+    pub total: AtomicU64,
+    /// Chunks finished.
+    pub done: AtomicU64,
+    /// Bytes read from the image.
+    pub bytes_read: AtomicU64,
+    /// Bytes sent to the store.
+    pub bytes_uploaded: AtomicU64,
+}
+
+/// Why an upload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The store failed (after retries).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A manifest could not be read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Reading the image failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The upload was cancelled (snapshot deleted, shutdown).
+    #[error("upload cancelled")]
+    Cancelled,
+}
+
+enum Outcome {
+    Zero,
+    Known {
+        index: u64,
+        hash: Hash,
+        stored: u32,
+        reused: bool,
+        raw_len: u64,
+    },
+    New {
+        index: u64,
+        hash: Hash,
+        stored: u32,
+        raw_len: u64,
+    },
+}
+
+/// Byte ranges of `file` holding data (SEEK_DATA/SEEK_HOLE): holes are never read.
+pub fn data_ranges(file: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{lseek, Whence};
+    let fd = file;
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while (pos as u64) < size {
+        let Ok(start) = lseek(fd, pos, Whence::SeekData) else {
+            break;
+        };
+        let end = lseek(fd, start, Whence::SeekHole).unwrap_or(size as i64);
+        out.push((start as u64, (end as u64).min(size)));
+        pos = end;
+    }
+    out
+}
+
+fn overlaps(ranges: &[(u64, u64)], off: u64, len: u64) -> bool {
+    let i = ranges.partition_point(|&(_, end)| end <= off);
+    i < ranges.len() && ranges[i].0 < off + len
+}
+
+/// Reads the progress log: index -> (hash, stored size, reused).
+fn load_progress(path: &Path) -> HashMap<u64, (Hash, u32)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return HashMap::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let i = f.next()?.parse().ok()?;
+            let h = blake3::Hash::from_hex(f.next()?).ok()?;
+            let s = f.next()?.parse().ok()?;
+            Some((i, (*h.as_bytes(), s)))
+        })
+        .collect()
+}
+
+/// Uploads the captured image `clone` and commits the snapshot. Returns its manifest.
+pub async fn upload(
+    store: &Store,
+    spec: &UploadSpec,
+    clone: &Path,
+    progress_log: &Path,
+    progress: &Progress,
+    concurrency: usize,
+    cancel: &CancellationToken,
+) -> Result<Manifest, UploadError> {
+    let started = Instant::now();
+    let parent = if spec.parent_id.is_empty() {
+        None
+    } else {
+        read_manifest(store, &spec.parent_id).await?
+    };
+    let parent = parent.filter(|p| p.chunk_size == spec.chunk_size);
+    let mut parent_chunks: HashMap<Hash, u32> = parent
+        .iter()
+        .flat_map(|p| p.chunks.iter())
+        .filter_map(|c| Some((c.hash.as_slice().try_into().ok()?, c.stored_size)))
+        .collect();
+    // The lease goes first; only then may the parent's chunks be relied upon, and only if the
+    // parent still exists after the lease is in place (GC reads manifests before leases).
+    manifest::write_lease(
+        store,
+        &Lease {
+            id: spec.snapshot_id.clone(),
+            snapshot_id: spec.snapshot_id.clone(),
+            hashes: parent_chunks.keys().map(|h| h.to_vec()).collect(),
+            created_unix_ms: now_ms(),
+        },
+    )
+    .await?;
+    if parent.is_some() && !store.exists(&manifest_key(&spec.parent_id)).await? {
+        tracing::warn!(snapshot.id = %spec.snapshot_id, parent = %spec.parent_id, "parent deleted; uploading in full");
+        parent_chunks.clear();
+    }
+    let parent_chunks = Arc::new(parent_chunks);
+
+    let done = Arc::new(load_progress(progress_log));
+    let file = Arc::new(std::fs::File::open(clone).map_err(|source| UploadError::Io {
+        context: format!("open captured image {}", clone.display()),
+        source,
+    })?);
+    let size = spec.size_bytes;
+    let cs = u64::from(spec.chunk_size);
+    let n_chunks = size.div_ceil(cs);
+    let ranges = {
+        let f = file.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || data_ranges(&f, size))
+                .await
+                .expect("seek task panicked"),
+        )
+    };
+    progress.total.store(n_chunks, Ordering::Relaxed);
+    progress.done.store(0, Ordering::Relaxed);
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(progress_log)
+        .map_err(|source| UploadError::Io {
+            context: "open progress log".into(),
+            source,
+        })?;
+
+    let results = stream::iter(0..n_chunks)
+        .map(|index| {
+            let (file, ranges, parent_chunks, done) =
+                (file.clone(), ranges.clone(), parent_chunks.clone(), done.clone());
+            async move {
+                if cancel.is_cancelled() {
+                    return Err(UploadError::Cancelled);
+                }
+                if let Some(&(hash, stored)) = done.get(&index) {
+                    let raw_len = cs.min(size - index * cs);
+                    return Ok(Outcome::Known {
+                        index,
+                        hash,
+                        stored,
+                        reused: false,
+                        raw_len,
+                    });
+                }
+                let off = index * cs;
+                let len = cs.min(size - off);
+                if !overlaps(&ranges, off, len) {
+                    return Ok(Outcome::Zero);
+                }
+                let work = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, off)?;
+                    if chunk::is_zero(&buf) {
+                        return Ok((len, None));
+                    }
+                    let hash = chunk::hash(&buf);
+                    if let Some(&stored) = parent_chunks.get(&hash) {
+                        return Ok((len, Some((hash, Err(stored)))));
+                    }
+                    Ok((len, Some((hash, Ok(chunk::encode(&buf, 1))))))
+                })
+                .await
+                .expect("chunk task panicked")
+                .map_err(|source| UploadError::Io {
+                    context: format!("read chunk {index}"),
+                    source,
+                })?;
+                progress.bytes_read.fetch_add(work.0, Ordering::Relaxed);
+                match work.1 {
+                    None => Ok(Outcome::Zero),
+                    Some((hash, Err(stored))) => Ok(Outcome::Known {
+                        index,
+                        hash,
+                        stored,
+                        reused: true,
+                        raw_len: len,
+                    }),
+                    Some((hash, Ok(encoded))) => {
+                        let stored = encoded.len() as u32;
+                        store.put(&chunk::key(&hash), encoded).await?;
+                        progress
+                            .bytes_uploaded
+                            .fetch_add(u64::from(stored), Ordering::Relaxed);
+                        Ok(Outcome::New {
+                            index,
+                            hash,
+                            stored,
+                            raw_len: len,
+                        })
+                    }
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1));
+    tokio::pin!(results);
+
+    let mut refs = Vec::new();
+    let mut stats = Stats::default();
+    while let Some(r) = results.next().await {
+        let (index, hash, stored) = match r? {
+            Outcome::Zero => {
+                stats.chunks_zero += 1;
+                progress.done.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Outcome::Known {
+                index,
+                hash,
+                stored,
+                reused,
+                raw_len,
+            } => {
+                if reused {
+                    stats.chunks_reused += 1;
+                    stats.bytes_reused += raw_len;
+                } else {
+                    // Uploaded before a restart.
+                    stats.chunks_new += 1;
+                    stats.bytes_new += raw_len;
+                    stats.bytes_uploaded += u64::from(stored);
+                }
+                (index, hash, stored)
+            }
+            Outcome::New {
+                index,
+                hash,
+                stored,
+                raw_len,
+            } => {
+                stats.chunks_new += 1;
+                stats.bytes_new += raw_len;
+                stats.bytes_uploaded += u64::from(stored);
+                (index, hash, stored)
+            }
+        };
+        // Losing the tail of this log in a crash only means re-uploading those chunks.
+        let _ = writeln!(log, "{index} {} {stored}", chunk::hex(&hash));
+        progress.done.fetch_add(1, Ordering::Relaxed);
+        refs.push(ChunkRef {
+            index,
+            hash: hash.to_vec(),
+            stored_size: stored,
+        });
+    }
+    refs.sort_by_key(|c| c.index);
+    stats.bytes_read = progress.bytes_read.load(Ordering::Relaxed);
+    stats.upload_ms = started.elapsed().as_millis() as u64;
+    let m = Manifest {
+        snapshot_id: spec.snapshot_id.clone(),
+        name: spec.name.clone(),
+        volume_id: spec.volume_id.clone(),
+        lineage: spec.lineage.clone(),
+        parent_id: if parent_chunks.is_empty() {
+            String::new()
+        } else {
+            spec.parent_id.clone()
+        },
+        capture_unix_ms: spec.capture_unix_ms,
+        size_bytes: spec.size_bytes,
+        chunk_size: spec.chunk_size,
+        codec: Codec::Zstd as i32,
+        tags: spec.tags.clone().into_iter().collect(),
+        chunks: refs,
+        stats: Some(stats),
+        fs_type: spec.fs_type.clone(),
+        block: spec.block,
+        committed_unix_ms: now_ms(),
+    };
+    if cancel.is_cancelled() {
+        return Err(UploadError::Cancelled);
+    }
+    manifest::write_manifest(store, &m).await?;
+    store.delete(&lease_key(&spec.snapshot_id)).await?;
+    Ok(m)
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Hashes of all chunks a manifest names.
+pub fn hashes(m: &Manifest) -> HashSet<Hash> {
+    m.chunks
+        .iter()
+        .filter_map(|c| c.hash.as_slice().try_into().ok())
+        .collect()
+}
+
+/// Where a pending snapshot keeps its files on the node.
+pub fn pending_dir(root: &Path, snapshot_id: &str) -> PathBuf {
+    root.join("snapshots").join(snapshot_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_found_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .read(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 10 << 20).unwrap();
+        f.sync_all().unwrap();
+        let r = data_ranges(&f, 64 << 20);
+        assert!(!r.is_empty());
+        assert!(overlaps(&r, 8 << 20, 4 << 20));
+        assert!(!overlaps(&r, 32 << 20, 4 << 20));
+        let total: u64 = r.iter().map(|(a, b)| b - a).sum();
+        assert!(total < 8 << 20, "data ranges cover {total} bytes");
+    }
+}
