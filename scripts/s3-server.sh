@@ -25,7 +25,7 @@
 #   STRATA_S3_ADMIN_PORT                         HTTP ports (free ones are picked otherwise); each
 #                                                component also listens on its HTTP port + 10000
 #                                                for gRPC (SeaweedFS's convention)
-#   STRATA_S3_START_TIMEOUT (30), STRATA_S3_STOP_TIMEOUT (10)   seconds
+#   STRATA_S3_START_TIMEOUT (30), STRATA_S3_STOP_TIMEOUT (5)   seconds
 # A server found in ENV_FILE is reused as it is, whatever these say.
 set -euo pipefail
 
@@ -35,7 +35,7 @@ VENV=$CACHE_DIR/seaweedfs-venv
 BUCKET=strata-test
 REGION=us-east-1
 START_TIMEOUT=${STRATA_S3_START_TIMEOUT:-30}
-STOP_TIMEOUT=${STRATA_S3_STOP_TIMEOUT:-10}
+STOP_TIMEOUT=${STRATA_S3_STOP_TIMEOUT:-5}
 MARKER=.strata-s3-server   # in each state dir this script made: only those are ever removed
 
 # A CA bundle set for other tools must not leak into clients of the plain-http endpoint.
@@ -221,11 +221,14 @@ wait_gone() {  # PID SECONDS
 }
 
 # stop_server PID DIR: TERM, wait, KILL; then remove DIR and the unix sockets weed put in /tmp.
+# A clean stop takes ~1.3 s, but now and then (seen after S3 traffic) the volume server's graceful
+# HTTP shutdown waits on a connection and the process lingers: nothing is worth saving, so KILL.
 stop_server() {
   local pid=$1 dir=$2 p
   if is_ours "$pid" "$dir"; then
     log "stopping pid $pid"
     kill -TERM "$pid" 2>/dev/null || true
+    kill -CONT "$pid" 2>/dev/null || true  # in case it was stopped: it must run to act on TERM
     if ! wait_gone "$pid" "$STOP_TIMEOUT"; then
       log "pid $pid still running ${STOP_TIMEOUT} s after SIGTERM: sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
@@ -234,7 +237,9 @@ stop_server() {
   fi
   if [ -n "$dir" ] && [ -f "$dir/$MARKER" ]; then
     if [ -f "$dir/ports" ]; then
-      for p in $(cat "$dir/ports"); do
+      local ports
+      read -r -a ports <"$dir/ports" || true
+      for p in "${ports[@]}"; do
         rm -f /tmp/seaweedfs-*-"$p".sock /tmp/seaweedfs-*-"$((p + 10000))".sock
       done
     fi
@@ -299,13 +304,14 @@ ensure_installed() {
 
 # --- env file ----------------------------------------------------------------------------------
 
-REC_PID= REC_DIR= REC_ENDPOINT= REC_ACCESS= REC_SECRET=
+REC_PID='' REC_DIR='' REC_ENDPOINT='' REC_ACCESS='' REC_SECRET=''
 read_env() {  # ENV_FILE: sets REC_* from it
-  REC_PID= REC_DIR= REC_ENDPOINT= REC_ACCESS= REC_SECRET=
+  REC_PID='' REC_DIR='' REC_ENDPOINT='' REC_ACCESS='' REC_SECRET=''
   [ -f "$1" ] || return 1
   local out
   out=$(
     set +eu
+    # shellcheck disable=SC1090  # the env file this script wrote
     . "$1" >/dev/null 2>&1
     printf '%s\n' "${STRATA_S3_SERVER_PID-}" "${STRATA_S3_SERVER_DIR-}" \
       "${STRATA_TEST_S3_ENDPOINT-}" "${AWS_ACCESS_KEY_ID-}" "${AWS_SECRET_ACCESS_KEY-}"
@@ -316,6 +322,7 @@ read_env() {  # ENV_FILE: sets REC_* from it
 
 write_env() {  # ENV_FILE ENDPOINT ACCESS SECRET PID DIR
   local tmp="$1.tmp.$$"
+  mkdir -p "$(dirname "$1")"
   (
     umask 077
     {
@@ -331,9 +338,9 @@ write_env() {  # ENV_FILE ENDPOINT ACCESS SECRET PID DIR
   mv -f "$tmp" "$1"
 }
 
-lock_env() {  # one start/stop at a time per env file
-  mkdir -p "$(dirname "$1")"
-  exec 9>"$1.lock"
+lock_state() {  # one start/stop at a time
+  mkdir -p "$CACHE_DIR"
+  exec 9>"$CACHE_DIR/.s3-server.lock"
   flock 9
 }
 
@@ -358,7 +365,7 @@ cmd_status() {
 
 cmd_stop() {
   local env_file=$1
-  lock_env "$env_file"
+  lock_state
   if ! read_env "$env_file"; then
     log "no server recorded in $env_file: nothing to stop"
     return 0
@@ -370,7 +377,7 @@ cmd_stop() {
 
 cmd_start() {
   local env_file=$1
-  lock_env "$env_file"
+  lock_state
 
   if read_env "$env_file"; then
     if is_ours "$REC_PID" "$REC_DIR" &&
@@ -401,8 +408,9 @@ cmd_start() {
   local n overrides=() missing=0 attempts=3
   for n in "${names[@]}"; do
     if [ -n "${!n:-}" ]; then
-      [[ ${!n} =~ ^[0-9]+$ ]] && [ "${!n}" -ge 1 ] && [ "${!n}" -le 55535 ] ||
+      if ! [[ ${!n} =~ ^[0-9]+$ ]] || [ "${!n}" -lt 1 ] || [ "${!n}" -gt 55535 ]; then
         die "$n=${!n}: need a port in 1-55535 (its gRPC port is +10000)"
+      fi
       overrides+=("${!n}")
     else
       missing=$((missing + 1))
@@ -466,7 +474,7 @@ cmd_start() {
       return 0
     fi
     cp -f "$dir/weed.log" "$CACHE_DIR/s3-server-failed.log" 2>/dev/null || true
-    if [ "$rc" = 2 ] && [ "$attempt" -lt "$attempts" ] && grep -q 'address already in use' "$dir/weed.log"; then
+    if [ "$rc" = 2 ] && [ "$attempt" -lt "$attempts" ] && grep -qE 'address already in use|Port allocation failed' "$dir/weed.log"; then
       log "a port was taken meanwhile: retrying with other ports"
       stop_server "$pid" "$dir"
       continue

@@ -11,8 +11,16 @@ fi
 scripts/install-deps.sh
 # A CA bundle set for other tools must not leak into plain-http loopback clients.
 unset AWS_CA_BUNDLE
+# A real S3 server on loopback (SeaweedFS), for the tests that run against S3.
+env_file="${STRATA_CACHE_DIR:-/var/tmp/strata-cache}/s3-test.env"
+scripts/s3-server.sh start "$env_file" >/dev/null
+# shellcheck disable=SC1090
+. "$env_file"
+if [ -z "${STRATA_KEEP_S3:-}" ]; then
+  trap 'scripts/s3-server.sh stop "$env_file" >/dev/null 2>&1 || true; rm -f "$log"' EXIT
+fi
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+[ -n "${STRATA_KEEP_S3:-}" ] && trap 'rm -f "$log"' EXIT
 set +e
 cargo test --locked "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}

@@ -56,6 +56,15 @@ pub struct ControllerArgs {
     /// Address for `/metrics` and `/healthz`; none by default.
     #[arg(long, env = "STRATA_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Snapshot store: a directory path, or `s3://bucket/prefix?endpoint=..&region=..&path_style=true`.
+    #[arg(long, env = "STRATA_STORE")]
+    pub store: Option<String>,
+    /// Unreferenced chunks younger than this many seconds are kept by GC (default 3600).
+    #[arg(long, env = "STRATA_GC_GRACE_SECONDS")]
+    pub gc_grace_seconds: Option<u64>,
+    /// Seconds between periodic GC runs (default 600); GC also runs shortly after every delete.
+    #[arg(long, env = "STRATA_GC_INTERVAL_SECONDS")]
+    pub gc_interval_seconds: Option<u64>,
 }
 
 /// `strata node` settings.
@@ -90,6 +99,15 @@ pub struct NodeArgs {
     /// Address for `/metrics` and `/healthz`; none by default.
     #[arg(long, env = "STRATA_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Snapshot store (same forms as the controller's).
+    #[arg(long, env = "STRATA_STORE")]
+    pub store: Option<String>,
+    /// Chunk size of new snapshot lineages in bytes: a power of two from 64 KiB to 64 MiB (default 4 MiB).
+    #[arg(long, env = "STRATA_CHUNK_SIZE")]
+    pub chunk_size: Option<u32>,
+    /// Parallel chunk transfers per upload or restore (default 8).
+    #[arg(long, env = "STRATA_TRANSFER_CONCURRENCY")]
+    pub transfer_concurrency: Option<usize>,
 }
 
 fn load<T: for<'de> Deserialize<'de> + Default>(path: &Option<PathBuf>) -> Result<T, ConfigError> {
@@ -113,6 +131,16 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
         )));
     }
     Ok(PathBuf::from(p))
+}
+
+/// Checks a chunk size: a power of two from 64 KiB to 64 MiB.
+pub fn check_chunk_size(n: u32) -> Result<u32, ConfigError> {
+    if !n.is_power_of_two() || !(64 << 10..=64 << 20).contains(&n) {
+        return Err(ConfigError::Invalid(format!(
+            "chunk size {n} must be a power of two from 64 KiB to 64 MiB"
+        )));
+    }
+    Ok(n)
 }
 
 /// Parses `node=host:port,...`.
@@ -170,7 +198,10 @@ impl ControllerArgs {
             agent_selector,
             agent_port,
             agent_token_file,
-            metrics_addr
+            metrics_addr,
+            store,
+            gc_grace_seconds,
+            gc_interval_seconds
         ))
     }
 }
@@ -189,7 +220,10 @@ impl NodeArgs {
             agent_listen,
             agent_token_file,
             max_volumes,
-            metrics_addr
+            metrics_addr,
+            store,
+            chunk_size,
+            transfer_concurrency
         ))
     }
 }

@@ -12,6 +12,16 @@ pub fn volume_id_for_name(name: &str) -> String {
     format!("vol-{}", uuid::Uuid::new_v5(&VOLUME_NAMESPACE, name.as_bytes()))
 }
 
+const SNAPSHOT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x8c2e_41d7_93b0_4f6a_b5e2_7d19_0a44_c3e8);
+
+/// The snapshot id for a CreateSnapshot name.
+pub fn snapshot_id_for_name(name: &str) -> String {
+    format!(
+        "snap-{}",
+        uuid::Uuid::new_v5(&SNAPSHOT_NAMESPACE, name.as_bytes())
+    )
+}
+
 /// Checks an id that may become a path component: non-empty, bounded, only `[A-Za-z0-9._:-]`,
 /// not starting with a dot (so never `.` or `..`).
 pub fn check_id(what: &str, id: &str) -> Result<(), String> {

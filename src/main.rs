@@ -3,6 +3,9 @@ use strata::cli::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Two TLS crypto providers are linked in (aws-sdk's and kube's): choose one for the process,
+    // or rustls refuses to guess when the first TLS client is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     strata::telemetry::init_logging(cli.log_format, &cli.log_level);
     match cli.command {

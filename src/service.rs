@@ -107,10 +107,31 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
     };
     let metrics = Arc::new(Metrics::default());
     spawn_metrics(args.metrics_addr, metrics.clone(), &cancel);
+    let store = match &args.store {
+        Some(url) => Some(
+            crate::store::open(url)
+                .await
+                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?,
+        ),
+        None => None,
+    };
+    let gc_kick = Arc::new(tokio::sync::Notify::new());
+    if let Some(store) = &store {
+        tokio::spawn(crate::csi::controller_snapshots::gc_loop(
+            store.clone(),
+            gc_kick.clone(),
+            std::time::Duration::from_secs(args.gc_grace_seconds.unwrap_or(3600)),
+            std::time::Duration::from_secs(args.gc_interval_seconds.unwrap_or(600)),
+            cancel.clone(),
+        ));
+    }
     let controller = ControllerService {
         directory: Arc::new(Directory::new(discovery, token)),
         guard: OpGuard::default(),
         metrics,
+        store,
+        manifests: Default::default(),
+        gc_kick,
     };
     let identity = IdentityService {
         controller: true,
@@ -167,10 +188,27 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
     let agent_addr = args
         .agent_listen
         .unwrap_or_else(|| "0.0.0.0:7001".parse().expect("valid address"));
+    let store = match &args.store {
+        Some(url) => Some(
+            crate::store::open(url)
+                .await
+                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?,
+        ),
+        None => None,
+    };
+    let chunk_size = config::check_chunk_size(args.chunk_size.unwrap_or(4 << 20))?;
+    let snapshots = crate::snapshot::node::NodeSnapshots::new(
+        manager.clone(),
+        store,
+        chunk_size,
+        args.transfer_concurrency.unwrap_or(8).max(1),
+    );
+    snapshots.resume();
     let agent = AgentService {
         manager: manager.clone(),
         guard: guard.clone(),
         zone: zone.clone(),
+        snapshots,
     };
     let agent_listener = tokio::net::TcpListener::bind(agent_addr)
         .await

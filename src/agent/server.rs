@@ -7,7 +7,12 @@ use tonic::{Request, Response, Status};
 use crate::csi::op_guard::OpGuard;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_server::Agent;
-use crate::volume::{Access, CreateSpec, VolumeManager, VolumeState};
+use crate::snapshot::node::{NodeSnapshots, SnapshotError};
+use crate::volume::{Access, CreateSpec, VolumeManager, VolumeSource, VolumeState};
+
+/// How long a CreateVolume from a snapshot waits for the restore before answering ABORTED
+/// ("in progress"); the caller repeats the call, as the external-provisioner does.
+const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
 
 /// Serves the agent API over a node's volume manager.
 pub struct AgentService {
@@ -17,6 +22,8 @@ pub struct AgentService {
     pub guard: OpGuard,
     /// The node's zone.
     pub zone: String,
+    /// Snapshot captures, uploads and restores.
+    pub snapshots: Arc<NodeSnapshots>,
 }
 
 /// Proto form of a volume state.
@@ -53,6 +60,22 @@ pub fn volume_to_pb(v: &VolumeState, node: &str) -> pb::Volume {
             abnormal: v.abnormal.is_some(),
             message: v.abnormal.clone().unwrap_or_else(|| "volume is healthy".into()),
         }),
+        source_snapshot_id: v.record.source_snapshot_id.clone(),
+        source_volume_id: v.record.source_volume_id.clone(),
+        restoring: v.restoring.is_some(),
+        restore_chunks_done: 0,
+        restore_chunks_total: 0,
+    }
+}
+
+impl AgentService {
+    fn volume(&self, v: &VolumeState) -> pb::Volume {
+        let mut out = volume_to_pb(v, self.manager.node_name());
+        if let Some((done, total)) = self.snapshots.restore_progress(&v.record.id) {
+            out.restore_chunks_done = done;
+            out.restore_chunks_total = total;
+        }
+        out
     }
 }
 
@@ -94,17 +117,53 @@ impl Agent for AgentService {
             Ok(pb::AccessType::Block) => Access::Block,
             _ => return Err(Status::invalid_argument("access_type is required")),
         };
+        let source = match (r.source_snapshot_id.as_str(), r.source_volume_id.as_str()) {
+            ("", "") => VolumeSource::Empty,
+            (snap, "") => {
+                crate::ids::check_id("source_snapshot_id", snap).map_err(Status::invalid_argument)?;
+                VolumeSource::Snapshot(snap.to_owned())
+            }
+            ("", vol) => {
+                id_ok(vol)?;
+                VolumeSource::Volume(vol.to_owned())
+            }
+            _ => return Err(Status::invalid_argument("at most one volume source")),
+        };
         let _t = self.guard.acquire(&r.volume_id)?;
+        // A clone reads the source: no other operation may run on it meanwhile.
+        let _src = match &source {
+            VolumeSource::Volume(src) => Some(self.guard.acquire(src)?),
+            _ => None,
+        };
         let spec = CreateSpec {
-            id: r.volume_id,
+            id: r.volume_id.clone(),
             name: r.name,
             capacity_bytes: r.capacity_bytes as u64,
             access,
             fs_type: r.fs_type,
             parameters: r.parameters.into_iter().collect(),
+            source,
         };
         let v = self.manager.create(&spec).await?;
-        Ok(Response::new(volume_to_pb(&v, self.manager.node_name())))
+        if let Some(snap) = &v.restoring {
+            let handle = self.snapshots.start_restore(&r.volume_id, snap);
+            match handle.wait(RESTORE_WAIT).await {
+                Some(Ok(())) => {}
+                Some(Err((message, true))) => return Err(Status::data_loss(message)),
+                Some(Err((message, false))) => return Err(Status::unavailable(message)),
+                None => {
+                    let (done, total) = handle.progress();
+                    return Err(SnapshotError::Restoring {
+                        volume_id: r.volume_id.clone(),
+                        done,
+                        total,
+                    }
+                    .into());
+                }
+            }
+            return Ok(Response::new(self.volume(&self.manager.get(&r.volume_id)?)));
+        }
+        Ok(Response::new(self.volume(&v)))
     }
 
     #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
@@ -115,6 +174,7 @@ impl Agent for AgentService {
         let id = req.into_inner().volume_id;
         id_ok(&id)?;
         let _t = self.guard.acquire(&id)?;
+        self.snapshots.cancel_restore(&id).await;
         self.manager.delete(&id).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
@@ -123,7 +183,7 @@ impl Agent for AgentService {
         let id = req.into_inner().volume_id;
         id_ok(&id)?;
         let v = self.manager.get(&id)?;
-        Ok(Response::new(volume_to_pb(&v, self.manager.node_name())))
+        Ok(Response::new(self.volume(&v)))
     }
 
     async fn list_volumes(
@@ -157,5 +217,46 @@ impl Agent for AgentService {
             capacity_bytes: capacity as i64,
             node_expansion_required,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot.id = %req.get_ref().snapshot_id, volume.id = %req.get_ref().volume_id))]
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotStatus>, Status> {
+        let r = req.into_inner();
+        id_ok(&r.volume_id)?;
+        crate::ids::check_id("snapshot_id", &r.snapshot_id).map_err(Status::invalid_argument)?;
+        let _t = self.guard.acquire(&r.volume_id)?;
+        let status = self
+            .snapshots
+            .create(
+                &r.volume_id,
+                &r.snapshot_id,
+                &r.name,
+                r.tags.into_iter().collect(),
+            )
+            .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn list_pending_snapshots(
+        &self,
+        _: Request<pb::ListPendingSnapshotsRequest>,
+    ) -> Result<Response<pb::ListPendingSnapshotsResponse>, Status> {
+        Ok(Response::new(pb::ListPendingSnapshotsResponse {
+            snapshots: self.snapshots.pending(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(snapshot.id = %req.get_ref().snapshot_id))]
+    async fn abort_snapshot(
+        &self,
+        req: Request<pb::AbortSnapshotRequest>,
+    ) -> Result<Response<pb::AbortSnapshotResponse>, Status> {
+        let id = req.into_inner().snapshot_id;
+        crate::ids::check_id("snapshot_id", &id).map_err(Status::invalid_argument)?;
+        self.snapshots.abort(&id).await?;
+        Ok(Response::new(pb::AbortSnapshotResponse {}))
     }
 }

@@ -45,6 +45,20 @@ pub struct ControllerService {
     pub guard: OpGuard,
     /// RPC metrics.
     pub metrics: Arc<Metrics>,
+    /// Where snapshots live; snapshot RPCs answer FAILED_PRECONDITION without one.
+    pub store: Option<crate::store::Store>,
+    /// Committed manifests read so far (they never change).
+    pub manifests: std::sync::Mutex<HashMap<String, crate::proto::store::Manifest>>,
+    /// Wakes the garbage collector after a delete.
+    pub gc_kick: Arc<tokio::sync::Notify>,
+}
+
+/// Where a new volume's data comes from, resolved.
+enum Source {
+    Empty,
+    Snapshot(crate::proto::store::Manifest),
+    /// Source volume and the node holding it.
+    Volume(apb::Volume, String),
 }
 
 /// Applies a CSI capacity range: the size to create, or why none fits.
@@ -144,11 +158,23 @@ fn check_params(params: &HashMap<String, String>) -> Result<(), Error> {
 }
 
 fn csi_volume(v: &apb::Volume, segments: HashMap<String, String>) -> pb::Volume {
+    use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let content_source = if !v.source_snapshot_id.is_empty() {
+        Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: v.source_snapshot_id.clone(),
+        }))
+    } else if !v.source_volume_id.is_empty() {
+        Some(Type::Volume(VolumeSource {
+            volume_id: v.source_volume_id.clone(),
+        }))
+    } else {
+        None
+    };
     pb::Volume {
         capacity_bytes: v.capacity_bytes,
         volume_id: v.volume_id.clone(),
         volume_context: [("strata.csi.dev/node".to_string(), v.node_name.clone())].into(),
-        content_source: None,
+        content_source: content_source.map(|t| pb::VolumeContentSource { r#type: Some(t) }),
         accessible_topology: vec![pb::Topology { segments }],
     }
 }
@@ -191,14 +217,48 @@ impl ControllerService {
         }
         ids::check_name("name", &r.name).map_err(invalid)?;
         validate::capabilities(&r.volume_capabilities)?;
-        if r.volume_content_source.is_some() {
-            return Err(invalid(
-                "creating a volume from a snapshot or a volume is not supported by this version",
-            ));
-        }
         check_params(&r.parameters)?;
-        let (access, fs_type) = access_and_fs(&r.volume_capabilities, &r.parameters)?;
-        let size = pick_size(r.capacity_range.as_ref(), &fs_type)?;
+        let source = self.resolve_source(r.volume_content_source.as_ref()).await?;
+        let (access, mut fs_type) = access_and_fs(&r.volume_capabilities, &r.parameters)?;
+        let fs_explicit = r.parameters.contains_key(PARAM_FS_TYPE)
+            || r.volume_capabilities
+                .iter()
+                .any(|c| matches!(&c.access_type, Some(AccessType::Mount(m)) if !m.fs_type.is_empty()));
+        // A restore or clone keeps the filesystem it holds unless another one is asked for.
+        let (src_fs, src_size, src_snap, src_vol) = match &source {
+            Source::Empty => (String::new(), 0, String::new(), String::new()),
+            Source::Snapshot(m) => (
+                m.fs_type.clone(),
+                m.size_bytes,
+                m.snapshot_id.clone(),
+                String::new(),
+            ),
+            Source::Volume(v, _) => (
+                v.fs_type.clone(),
+                v.capacity_bytes as u64,
+                String::new(),
+                v.volume_id.clone(),
+            ),
+        };
+        if access == apb::AccessType::Mount && !src_fs.is_empty() {
+            if fs_explicit && src_fs != fs_type {
+                return Err(invalid(format!(
+                    "the source holds a {src_fs} filesystem, {fs_type} was asked for"
+                )));
+            }
+            fs_type = src_fs;
+        }
+        let mut size = pick_size(r.capacity_range.as_ref(), &fs_type)?;
+        if src_size > 0 {
+            let limit = r.capacity_range.as_ref().map(|c| c.limit_bytes).unwrap_or(0);
+            if limit > 0 && (limit as u64) < src_size {
+                return Err(Error::OutOfRange {
+                    reason: format!("the source is {src_size} bytes, more than limit_bytes {limit}"),
+                }
+                .into());
+            }
+            size = size.max(src_size);
+        }
         let id = ids::volume_id_for_name(&r.name);
         let _ticket = self.guard.acquire(&id)?;
         let req_topo = r.accessibility_requirements.as_ref();
@@ -232,6 +292,11 @@ impl ControllerService {
                     "volume {id} for name {:?} exists with another access type or filesystem",
                     r.name
                 ))
+            } else if v.source_snapshot_id != src_snap || v.source_volume_id != src_vol {
+                Some(format!(
+                    "volume {id} for name {:?} exists with another content source",
+                    r.name
+                ))
             } else {
                 None
             };
@@ -260,6 +325,20 @@ impl ControllerService {
                 }
             })
             .collect();
+        // A clone is made on its source's node (reflink or copy of the backing file).
+        let candidates: Vec<Candidate> = match &source {
+            Source::Volume(_, node) => {
+                let c: Vec<Candidate> = candidates.into_iter().filter(|c| &c.node == node).collect();
+                if c.is_empty() || !placement::allowed(req_topo, &c[0].segments) {
+                    return Err(Error::NoPlacement {
+                        reason: format!("a clone is created on its source's node {node}, which is unavailable or outside the requisite topology"),
+                    }
+                    .into());
+                }
+                c
+            }
+            _ => candidates,
+        };
         let ranked =
             placement::rank(req_topo, &candidates, size).map_err(|reason| Error::NoPlacement { reason })?;
         let mut last_err = None;
@@ -272,6 +351,8 @@ impl ControllerService {
                 access_type: access as i32,
                 fs_type: fs_type.clone(),
                 parameters: r.parameters.clone(),
+                source_snapshot_id: src_snap.clone(),
+                source_volume_id: src_vol.clone(),
             };
             match client.create_volume(areq).await {
                 Ok(v) => {
@@ -295,6 +376,31 @@ impl ControllerService {
                 reason: "no candidate node".into(),
             })
             .into())
+    }
+
+    async fn resolve_source(&self, src: Option<&pb::VolumeContentSource>) -> Result<Source, Status> {
+        use pb::volume_content_source::Type;
+        match src.and_then(|s| s.r#type.as_ref()) {
+            None => Ok(Source::Empty),
+            Some(Type::Snapshot(s)) => {
+                if s.snapshot_id.is_empty() {
+                    return Err(invalid("volume_content_source.snapshot.snapshot_id is required"));
+                }
+                ids::check_id("snapshot_id", &s.snapshot_id).map_err(invalid)?;
+                match self.manifest(&s.snapshot_id).await? {
+                    Some(m) => Ok(Source::Snapshot(m)),
+                    None => Err(Status::not_found(format!(
+                        "snapshot {} does not exist or is not ready",
+                        s.snapshot_id
+                    ))),
+                }
+            }
+            Some(Type::Volume(v)) => {
+                let vid = validate::volume_id(&v.volume_id)?;
+                let (node, vol) = self.find(vid).await?;
+                Ok(Source::Volume(vol, node))
+            }
+        }
     }
 
     async fn delete(&self, r: pb::DeleteVolumeRequest) -> Result<pb::DeleteVolumeResponse, Status> {
@@ -571,6 +677,10 @@ impl Controller for ControllerService {
             Rpc::GetVolume,
             Rpc::VolumeCondition,
             Rpc::SingleNodeMultiWriter,
+            Rpc::CreateDeleteSnapshot,
+            Rpc::ListSnapshots,
+            Rpc::GetSnapshot,
+            Rpc::CloneVolume,
         ]
         .into_iter()
         .map(rpc_cap)
@@ -578,6 +688,46 @@ impl Controller for ControllerService {
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
             capabilities,
         }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        self.metrics
+            .observe("CreateSnapshot", self.create_snapshot_impl(req.into_inner()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.metrics
+            .observe("DeleteSnapshot", self.delete_snapshot_impl(req.into_inner()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        self.metrics
+            .observe("ListSnapshots", self.list_snapshots_impl(req.into_inner()))
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_snapshot(
+        &self,
+        req: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        self.metrics
+            .observe("GetSnapshot", self.get_snapshot_impl(req.into_inner()))
+            .await
+            .map(Response::new)
     }
 
     async fn controller_expand_volume(

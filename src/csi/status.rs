@@ -4,23 +4,33 @@
 use tonic::{Code, Status};
 
 use crate::controller::Error as ControllerError;
+use crate::snapshot::manifest::ManifestError;
+use crate::snapshot::node::SnapshotError;
+use crate::snapshot::restore::RestoreError;
+use crate::store::StoreError;
 use crate::volume::record::RecordError;
 use crate::volume::Error as VolumeError;
 
 impl From<VolumeError> for Status {
     fn from(e: VolumeError) -> Self {
-        let code = match &e {
+        Status::new(volume_code(&e), e.to_string())
+    }
+}
+
+fn volume_code(e: &VolumeError) -> Code {
+    {
+        match e {
             VolumeError::InvalidArgument { .. } => Code::InvalidArgument,
             VolumeError::NotFound { .. } | VolumeError::PathNotFound { .. } => Code::NotFound,
             VolumeError::AlreadyExists { .. } => Code::AlreadyExists,
             VolumeError::FailedPrecondition { .. } => Code::FailedPrecondition,
+            VolumeError::Unavailable { .. } => Code::Unavailable,
             VolumeError::NoSpace { .. } | VolumeError::TooManyVolumes { .. } => Code::ResourceExhausted,
             VolumeError::Record(RecordError::Corrupt { .. }) => Code::DataLoss,
             VolumeError::Record(RecordError::Io { .. }) | VolumeError::Sys(_) | VolumeError::Io { .. } => {
                 Code::Internal
             }
-        };
-        Status::new(code, e.to_string())
+        }
     }
 }
 
@@ -37,6 +47,48 @@ impl From<ControllerError> for Status {
             ControllerError::Agent { status, .. } => status.code(),
         };
         Status::new(code, e.to_string())
+    }
+}
+
+/// The code for a store failure.
+pub fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::NotFound { .. } => Code::NotFound,
+        StoreError::Transient { .. } => Code::Unavailable,
+        StoreError::Permanent { .. } => Code::Internal,
+    }
+}
+
+impl From<SnapshotError> for Status {
+    fn from(e: SnapshotError) -> Self {
+        let code = match &e {
+            SnapshotError::NoStore => Code::FailedPrecondition,
+            SnapshotError::Volume(v) => return Status::from(VolumeErrorRef(v)),
+            SnapshotError::OtherVolume { .. } => Code::AlreadyExists,
+            SnapshotError::NotFound { .. } => Code::NotFound,
+            SnapshotError::Manifest(ManifestError::Store(s)) => store_code(s),
+            SnapshotError::Manifest(ManifestError::Corrupt { .. }) => Code::DataLoss,
+            SnapshotError::Sys(_) => Code::Internal,
+            SnapshotError::Restore(r) => match r {
+                RestoreError::Store(s) => store_code(s),
+                RestoreError::MissingChunk { .. } | RestoreError::Corrupt(_) => Code::DataLoss,
+                RestoreError::SnapshotGone { .. } => Code::NotFound,
+                RestoreError::Io { .. } => Code::Internal,
+                RestoreError::Cancelled => Code::Aborted,
+            },
+            // In progress: the CO repeats the call.
+            SnapshotError::Restoring { .. } => Code::Aborted,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Borrowing form of the volume error mapping.
+struct VolumeErrorRef<'a>(&'a VolumeError);
+
+impl From<VolumeErrorRef<'_>> for Status {
+    fn from(e: VolumeErrorRef<'_>) -> Self {
+        Status::new(volume_code(e.0), e.0.to_string())
     }
 }
 

@@ -4,5 +4,6 @@ pub mod capture;
 pub mod chunk;
 pub mod gc;
 pub mod manifest;
+pub mod node;
 pub mod restore;
 pub mod upload;

@@ -122,58 +122,57 @@ async fn restore_leased(
         Ordering::Relaxed,
     );
 
-    let fetches = stream::iter(
-        m.chunks
-            .iter()
-            .map(|c| (c.index, c.hash.clone()))
-            .map(Some)
-            .chain(zeros.into_iter().map(|i| Some((i, Vec::new())))),
-    )
-    .map(|item| {
-        let file = file.clone();
-        async move {
-            let (index, hash) = item.expect("always Some");
-            if cancel.is_cancelled() {
-                return Err(RestoreError::Cancelled);
-            }
-            let off = index * cs;
-            let len = cs.min(m.size_bytes - off) as usize;
-            let data = if hash.is_empty() {
-                None
-            } else {
-                let h: Hash = hash.as_slice().try_into().map_err(|_| ChunkError::Corrupt {
-                    hash: format!("{hash:02x?}"),
-                    reason: "manifest holds a malformed hash".into(),
-                })?;
-                let obj = match store.get(&chunk::key(&h)).await {
-                    Ok(o) => o,
-                    Err(StoreError::NotFound { .. }) => {
-                        return Err(RestoreError::MissingChunk {
-                            snapshot_id: m.snapshot_id.clone(),
-                            hash: chunk::hex(&h),
+    // Owned work items: (index, hash), an empty hash meaning "write zeros".
+    let mut items: Vec<(u64, Vec<u8>)> = Vec::with_capacity(m.chunks.len() + zeros.len());
+    for c in &m.chunks {
+        items.push((c.index, c.hash.clone()));
+    }
+    items.extend(zeros.into_iter().map(|i| (i, Vec::new())));
+    let fetches = stream::iter(items)
+        .map(|(index, hash): (u64, Vec<u8>)| {
+            let file = file.clone();
+            async move {
+                if cancel.is_cancelled() {
+                    return Err(RestoreError::Cancelled);
+                }
+                let off = index * cs;
+                let len = cs.min(m.size_bytes - off) as usize;
+                let data = if hash.is_empty() {
+                    None
+                } else {
+                    let h: Hash = hash.as_slice().try_into().map_err(|_| ChunkError::Corrupt {
+                        hash: format!("{hash:02x?}"),
+                        reason: "manifest holds a malformed hash".into(),
+                    })?;
+                    let obj = match store.get(&chunk::key(&h)).await {
+                        Ok(o) => o,
+                        Err(StoreError::NotFound { .. }) => {
+                            return Err(RestoreError::MissingChunk {
+                                snapshot_id: m.snapshot_id.clone(),
+                                hash: chunk::hex(&h),
+                            })
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    progress.bytes_read.fetch_add(obj.len() as u64, Ordering::Relaxed);
+                    Some((h, obj))
+                };
+                tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+                    let raw = match data {
+                        Some((h, obj)) => chunk::decode(&h, &obj)?,
+                        None => vec![0u8; len],
+                    };
+                    file.write_all_at(&raw[..len.min(raw.len())], off)
+                        .map_err(|source| RestoreError::Io {
+                            context: format!("write chunk {index}"),
+                            source,
                         })
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                progress.bytes_read.fetch_add(obj.len() as u64, Ordering::Relaxed);
-                Some((h, obj))
-            };
-            tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
-                let raw = match data {
-                    Some((h, obj)) => chunk::decode(&h, &obj)?,
-                    None => vec![0u8; len],
-                };
-                file.write_all_at(&raw[..len.min(raw.len())], off)
-                    .map_err(|source| RestoreError::Io {
-                        context: format!("write chunk {index}"),
-                        source,
-                    })
-            })
-            .await
-            .expect("write task panicked")
-        }
-    })
-    .buffer_unordered(concurrency.max(1));
+                })
+                .await
+                .expect("write task panicked")
+            }
+        })
+        .buffer_unordered(concurrency.max(1));
     tokio::pin!(fetches);
     while let Some(r) = fetches.next().await {
         r?;

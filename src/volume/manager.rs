@@ -66,6 +66,14 @@ pub enum Error {
         /// Why not now.
         reason: String,
     },
+    /// Not usable yet (being restored); retry later.
+    #[error("volume {volume_id}: {reason}")]
+    Unavailable {
+        /// The volume.
+        volume_id: String,
+        /// Why not yet.
+        reason: String,
+    },
     /// Not enough free space on the node.
     #[error("not enough space on node: {needed} bytes needed, {available} available")]
     NoSpace {
@@ -119,7 +127,36 @@ pub struct VolumeRecord {
     pub parameters: BTreeMap<String, String>,
     /// Creation time.
     pub created_unix_ms: i64,
+    /// Snapshot the volume was restored from, if any.
+    #[serde(default)]
+    pub source_snapshot_id: String,
+    /// Volume the volume was cloned from, if any.
+    #[serde(default)]
+    pub source_volume_id: String,
 }
+
+/// The snapshot history of a volume: what its next snapshot is diffed against.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LineageRecord {
+    /// Shared by a volume, its snapshots and volumes restored from them.
+    pub lineage: String,
+    /// Newest committed snapshot of this volume (or the snapshot it was restored from).
+    pub last_snapshot_id: String,
+    /// Capture time of that snapshot, so a slower older upload never replaces a newer parent.
+    pub last_capture_unix_ms: i64,
+    /// Chunk size, fixed per lineage.
+    pub chunk_size: u32,
+}
+
+/// Present while a volume's data is being restored from a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RestoreRecord {
+    /// The snapshot being restored.
+    pub snapshot_id: String,
+}
+
+const LINEAGE_RECORD: &str = "lineage";
+const RESTORE_RECORD: &str = "restore";
 
 /// What is persisted while a volume is staged; the kernel state is the truth, this records the
 /// caller's intent (so a second stage elsewhere is refused and unstage knows what to undo).
@@ -146,6 +183,20 @@ pub struct CreateSpec {
     pub fs_type: String,
     /// Parameters.
     pub parameters: BTreeMap<String, String>,
+    /// Where the data comes from.
+    pub source: VolumeSource,
+}
+
+/// Initial content of a new volume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum VolumeSource {
+    /// Empty (sparse zeros).
+    #[default]
+    Empty,
+    /// Restored from a snapshot, after creation, by the snapshot service.
+    Snapshot(String),
+    /// Cloned from a volume on this node, during creation.
+    Volume(String),
 }
 
 /// How to stage.
@@ -177,6 +228,8 @@ pub struct VolumeState {
     pub published: Vec<PathBuf>,
     /// `Some(reason)` when the volume is abnormal.
     pub abnormal: Option<String>,
+    /// Set while the volume's data is being restored from this snapshot.
+    pub restoring: Option<String>,
 }
 
 /// Usage of a published or staged volume path.
@@ -338,6 +391,12 @@ impl VolumeManager {
                     Some(format!("its access type is {:?}", existing.access))
                 } else if existing.access == Access::Mount && existing.fs_type != spec.fs_type {
                     Some(format!("its filesystem is {}", existing.fs_type))
+                } else if (
+                    existing.source_snapshot_id.as_str(),
+                    existing.source_volume_id.as_str(),
+                ) != source_ids(&spec.source)
+                {
+                    Some("it was created from another source".to_string())
                 } else {
                     None
                 };
@@ -377,15 +436,65 @@ impl VolumeManager {
             },
             parameters: spec.parameters.clone(),
             created_unix_ms: now_ms(),
+            source_snapshot_id: source_ids(&spec.source).0.to_owned(),
+            source_volume_id: source_ids(&spec.source).1.to_owned(),
+        };
+        // A clone copies the source's image (frozen if mounted) before the new volume exists.
+        let clone_from = match &spec.source {
+            VolumeSource::Volume(src) => {
+                let v = self.get(src)?;
+                if v.restoring.is_some() {
+                    return Err(Error::Unavailable {
+                        volume_id: src.clone(),
+                        reason: "still being restored".into(),
+                    });
+                }
+                if v.record.capacity_bytes > spec.capacity_bytes {
+                    return Err(Error::InvalidArgument {
+                        reason: format!(
+                            "clone must be at least the source's {} bytes",
+                            v.record.capacity_bytes
+                        ),
+                    });
+                }
+                let mount = v
+                    .staging_path
+                    .clone()
+                    .filter(|_| v.record.access == Access::Mount);
+                Some((self.data_path(src)?, mount, self.lineage(src)?))
+            }
+            _ => None,
         };
         let tmp =
             self.root
                 .join("volumes")
                 .join(format!(".new-{}-{}", spec.id, uuid::Uuid::new_v4().simple()));
         let (tmp2, dir2, rec2) = (tmp.clone(), dir.clone(), rec.clone());
+        std::fs::create_dir(&tmp).map_err(io(format!("create {}", tmp.display())))?;
+        if let Some((src_data, mount, lineage)) = &clone_from {
+            if let Err(e) =
+                crate::snapshot::capture::capture(src_data, &tmp.join("data.img"), mount.as_deref()).await
+            {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e.into());
+            }
+            if let Some(l) = lineage {
+                record::write(&tmp.join("lineage.rec"), LINEAGE_RECORD, l)?;
+            }
+        }
+        if let VolumeSource::Snapshot(snapshot_id) = &spec.source {
+            let r = RestoreRecord {
+                snapshot_id: snapshot_id.clone(),
+            };
+            record::write(&tmp.join("restore.rec"), RESTORE_RECORD, &r)?;
+        }
         let result = tokio::task::spawn_blocking(move || -> Result<(), Error> {
-            std::fs::create_dir(&tmp2).map_err(io(format!("create {}", tmp2.display())))?;
-            let f = std::fs::File::create(tmp2.join("data.img")).map_err(io("create backing file"))?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(tmp2.join("data.img"))
+                .map_err(io("create backing file"))?;
             f.set_len(rec2.capacity_bytes).map_err(io("size backing file"))?;
             f.sync_all().map_err(io("sync backing file"))?;
             record::write(&tmp2.join("volume.rec"), VOLUME_RECORD, &rec2)?;
@@ -493,6 +602,9 @@ impl VolumeManager {
                 _ => None,
             },
         };
+        let restoring =
+            record::read::<RestoreRecord>(&self.dir(&record.id)?.join("restore.rec"), RESTORE_RECORD)?
+                .map(|r| r.snapshot_id);
         Ok(VolumeState {
             allocated_bytes: allocated(&data),
             record,
@@ -500,6 +612,7 @@ impl VolumeManager {
             staging_path,
             published,
             abnormal,
+            restoring,
         })
     }
 
@@ -559,6 +672,12 @@ impl VolumeManager {
     /// Attaches the volume and, for mount access, makes (first time) and mounts its filesystem.
     pub async fn stage(&self, id: &str, staging_path: &Path, spec: &StageSpec) -> Result<VolumeState, Error> {
         let rec = self.read_record(id)?;
+        if let Some(snap) = self.get(id)?.restoring {
+            return Err(Error::Unavailable {
+                volume_id: id.to_owned(),
+                reason: format!("still being restored from {snap}"),
+            });
+        }
         let data = self.data_path(id)?;
         let (access, fs_type, mount_flags) = match spec {
             StageSpec::Block => (Access::Block, String::new(), Vec::new()),
@@ -651,7 +770,13 @@ impl VolumeManager {
                         tracing::info!(volume.id = %id, "growing ext4 to the volume size before mounting");
                         sys::ext4_grow_offline(&dev.path()).await?;
                     }
-                    sys::mount_fs(&dev.path(), staging_path, &wanted.fs_type, &wanted.mount_flags).await?;
+                    let mut options = wanted.mount_flags.clone();
+                    // Clones and restores carry their source's XFS UUID; without nouuid the kernel
+                    // refuses to mount one while the source is mounted on the same node.
+                    if wanted.fs_type == "xfs" && !options.iter().any(|o| o == "nouuid") {
+                        options.push("nouuid".into());
+                    }
+                    sys::mount_fs(&dev.path(), staging_path, &wanted.fs_type, &options).await?;
                     if wanted.fs_type == "xfs"
                         && sys::statvfs(staging_path)?.total_bytes + GROW_SLACK * 16 < dev_size
                     {
@@ -850,6 +975,47 @@ impl VolumeManager {
         }
         tracing::info!(volume.id = %id, "volume expanded on node");
         Ok(dev.size_bytes()?)
+    }
+}
+
+impl VolumeManager {
+    /// The volume's lineage, if it has had a snapshot or came from one.
+    pub fn lineage(&self, id: &str) -> Result<Option<LineageRecord>, Error> {
+        Ok(record::read(&self.dir(id)?.join("lineage.rec"), LINEAGE_RECORD)?)
+    }
+
+    /// Records a committed snapshot of the volume as the parent of its next one, unless a newer
+    /// capture is already recorded. OK when the volume was deleted meanwhile.
+    pub fn record_snapshot(&self, id: &str, rec: &LineageRecord) -> Result<(), Error> {
+        let dir = self.dir(id)?;
+        if !dir.exists() {
+            return Ok(());
+        }
+        if let Some(cur) = self.lineage(id)? {
+            if cur.last_capture_unix_ms > rec.last_capture_unix_ms {
+                return Ok(());
+            }
+        }
+        Ok(record::write(&dir.join("lineage.rec"), LINEAGE_RECORD, rec)?)
+    }
+
+    /// Marks a restore complete: the volume inherits the snapshot's lineage.
+    pub fn finish_restore(&self, id: &str, lineage: &LineageRecord) -> Result<(), Error> {
+        let dir = self.dir(id)?;
+        record::write(&dir.join("lineage.rec"), LINEAGE_RECORD, lineage)?;
+        match std::fs::remove_file(dir.join("restore.rec")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove restore record")(e)),
+        }
+    }
+}
+
+fn source_ids(s: &VolumeSource) -> (&str, &str) {
+    match s {
+        VolumeSource::Empty => ("", ""),
+        VolumeSource::Snapshot(id) => (id.as_str(), ""),
+        VolumeSource::Volume(id) => ("", id.as_str()),
     }
 }
 

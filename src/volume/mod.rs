@@ -22,5 +22,6 @@ pub mod record;
 pub mod sys;
 
 pub use manager::{
-    Access, CreateSpec, Error, StageSpec, VolumeManager, VolumeRecord, VolumeState, VolumeStats,
+    Access, CreateSpec, Error, LineageRecord, StageSpec, VolumeManager, VolumeRecord, VolumeSource,
+    VolumeState, VolumeStats,
 };

@@ -40,7 +40,22 @@ pub struct TestBed {
     token_file: PathBuf,
     /// Extra environment for every process.
     env: Vec<(String, String)>,
+    /// The snapshot store every process uses.
+    pub store_url: String,
 }
+
+/// Which snapshot store a bed uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A directory in the bed (the embedded default).
+    #[default]
+    Local,
+    /// A fresh prefix in the test S3 bucket (scripts/test.sh starts the server).
+    S3,
+}
+
+/// Chunk size the beds use: small enough that test volumes have many chunks.
+pub const CHUNK: u64 = 1 << 20;
 
 /// How to start a bed when the defaults do not fit.
 #[derive(Default)]
@@ -53,6 +68,8 @@ pub struct BedSpec {
     pub node_args: Vec<String>,
     /// Extra environment for every process.
     pub env: Vec<(String, String)>,
+    /// Snapshot store.
+    pub store: StoreKind,
 }
 
 fn free_port() -> u16 {
@@ -89,12 +106,37 @@ impl TestBed {
         .await
     }
 
+    /// A controller and nodes using the given store.
+    pub async fn start_store(nodes: &[(&str, &str)], store: StoreKind) -> Self {
+        Self::start_spec(BedSpec {
+            nodes: nodes
+                .iter()
+                .map(|(n, z)| (n.to_string(), Some(z.to_string()), "127.0.0.1".to_string(), None))
+                .collect(),
+            store,
+            ..Default::default()
+        })
+        .await
+    }
+
     pub async fn start_spec(spec: BedSpec) -> Self {
         require_root();
         let dir = std::env::temp_dir().join(format!("strata-test-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let token_file = dir.join("agent.token");
         std::fs::write(&token_file, TOKEN).unwrap();
+        let store_url = match spec.store {
+            StoreKind::Local => dir.join("store").to_string_lossy().into_owned(),
+            StoreKind::S3 => {
+                let ep = std::env::var("STRATA_TEST_S3_ENDPOINT")
+                    .expect("S3 test server not configured: run the tests through scripts/test.sh");
+                let bucket = std::env::var("STRATA_TEST_S3_BUCKET").unwrap_or_else(|_| "strata-test".into());
+                format!(
+                    "s3://{bucket}/{}?endpoint={ep}&path_style=true",
+                    dir.file_name().unwrap().to_string_lossy()
+                )
+            }
+        };
         let mut bed = TestBed {
             controller_socket: dir.join("controller.sock"),
             controller: None,
@@ -102,6 +144,7 @@ impl TestBed {
             token_file,
             dir,
             env: spec.env.clone(),
+            store_url,
         };
         for (name, zone, host, port) in spec.nodes {
             let n = NodeProc {
@@ -134,6 +177,8 @@ impl TestBed {
             .arg(format!("--csi-endpoint={}", bed.controller_socket.display()))
             .args(controller_args)
             .arg(format!("--agent-token-file={}", bed.token_file.display()))
+            .arg(format!("--store={}", bed.store_url))
+            .arg("--gc-grace-seconds=0")
             .env("STRATA_LOG_LEVEL", "strata=debug,info")
             .env_remove("STRATA_AGENT_TOKEN")
             .env_remove("KUBECONFIG")
@@ -167,6 +212,8 @@ impl TestBed {
             .arg(format!("--storage-dir={}", n.storage.display()))
             .arg(format!("--agent-listen={}:{}", n.agent_host, n.agent_port))
             .arg(format!("--agent-token-file={}", self.token_file.display()))
+            .arg(format!("--store={}", self.store_url))
+            .arg(format!("--chunk-size={CHUNK}"))
             .args(extra)
             .env("STRATA_LOG_LEVEL", "strata=debug,info")
             .env_remove("STRATA_AGENT_TOKEN")
@@ -205,6 +252,11 @@ impl TestBed {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    /// The bed's snapshot store, for inspection.
+    pub async fn store(&self) -> strata::store::Store {
+        strata::store::open(&self.store_url).await.unwrap()
     }
 
     pub async fn controller(&self) -> ControllerClient<Channel> {

@@ -1,0 +1,315 @@
+//! Controller snapshot RPCs: CreateSnapshot (delegated to the volume's agent), DeleteSnapshot,
+//! ListSnapshots, GetSnapshot (from the store's manifests plus the agents' pending uploads), and
+//! the background garbage collector.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::controller::ControllerService;
+use super::status::invalid;
+use super::validate;
+use crate::controller::directory::from_agent;
+use crate::controller::Error;
+use crate::ids;
+use crate::proto::agent as apb;
+use crate::proto::csi as pb;
+use crate::proto::store::Manifest;
+use crate::snapshot::manifest::{self, ManifestError};
+use crate::store::Store;
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn from_status(s: &apb::SnapshotStatus) -> pb::Snapshot {
+    pb::Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: s.snapshot_id.clone(),
+        source_volume_id: s.volume_id.clone(),
+        creation_time: Some(timestamp(s.capture_unix_ms)),
+        ready_to_use: s.ready,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// The CSI form of a committed snapshot.
+pub fn from_manifest(m: &Manifest) -> pb::Snapshot {
+    from_status(&crate::snapshot::node::NodeSnapshots::committed_status(m))
+}
+
+fn manifest_status(e: ManifestError) -> Status {
+    match e {
+        ManifestError::Store(s) => Status::new(super::status::store_code(&s), s.to_string()),
+        ManifestError::Corrupt { .. } => Status::data_loss(e.to_string()),
+    }
+}
+
+impl ControllerService {
+    pub(super) fn store(&self) -> Result<&Store, Status> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("no snapshot store is configured (--store)"))
+    }
+
+    /// A committed manifest, cached (manifests are immutable).
+    pub(super) async fn manifest(&self, snapshot_id: &str) -> Result<Option<Manifest>, Status> {
+        if let Some(m) = self.manifests.lock().expect("manifest cache").get(snapshot_id) {
+            return Ok(Some(m.clone()));
+        }
+        let m = manifest::read_manifest(self.store()?, snapshot_id)
+            .await
+            .map_err(manifest_status)?;
+        if let Some(m) = &m {
+            self.manifests
+                .lock()
+                .expect("manifest cache")
+                .insert(snapshot_id.to_owned(), m.clone());
+        }
+        Ok(m)
+    }
+
+    /// Uploads in progress on all reachable agents.
+    async fn pending(&self) -> Result<Vec<apb::SnapshotStatus>, Status> {
+        let answers = self
+            .directory
+            .fan_out(|_, mut c| async move {
+                c.list_pending_snapshots(apb::ListPendingSnapshotsRequest {})
+                    .await
+                    .map(|r| r.into_inner().snapshots)
+            })
+            .await?;
+        let mut out = Vec::new();
+        for (_, a) in answers {
+            match a {
+                Ok(s) => out.extend(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pending snapshots of an unreachable agent are not listed")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn create_snapshot_impl(
+        &self,
+        r: pb::CreateSnapshotRequest,
+    ) -> Result<pb::CreateSnapshotResponse, Status> {
+        if r.name.is_empty() {
+            return Err(invalid("name is required"));
+        }
+        ids::check_name("name", &r.name).map_err(invalid)?;
+        if r.source_volume_id.is_empty() {
+            return Err(invalid("source_volume_id is required"));
+        }
+        let source = validate::volume_id(&r.source_volume_id)?;
+        self.store()?;
+        let id = ids::snapshot_id_for_name(&r.name);
+        let _ticket = self.guard.acquire(&id)?;
+        if let Some(m) = self.manifest(&id).await? {
+            if m.volume_id != source {
+                return Err(Status::already_exists(format!(
+                    "snapshot name {:?} is taken by a snapshot of volume {}",
+                    r.name, m.volume_id
+                )));
+            }
+            return Ok(pb::CreateSnapshotResponse {
+                snapshot: Some(from_manifest(&m)),
+            });
+        }
+        // The same name may be uploading on another node, for another volume.
+        if let Some(p) = self.pending().await?.into_iter().find(|p| p.snapshot_id == id) {
+            if p.volume_id != source {
+                return Err(Status::already_exists(format!(
+                    "snapshot name {:?} is taken by a snapshot of volume {}",
+                    r.name, p.volume_id
+                )));
+            }
+        }
+        let (node, _) = self
+            .directory
+            .find_volume(source, |_| false)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: format!("volume {source}"),
+            })?;
+        let mut c = self.directory.client_for(&node).await?;
+        let status = c
+            .create_snapshot(apb::CreateSnapshotRequest {
+                volume_id: source.to_owned(),
+                snapshot_id: id.clone(),
+                name: r.name.clone(),
+                tags: r.parameters.clone(),
+            })
+            .await
+            .map_err(|s| from_agent(&node, s))?
+            .into_inner();
+        if !status.error.is_empty() {
+            tracing::warn!(snapshot.id = %id, error = %status.error, "snapshot upload failed; retrying");
+        }
+        tracing::info!(snapshot.id = %id, volume.id = %source, node = %node, ready = status.ready,
+            done = status.chunks_done, total = status.chunks_total, "snapshot");
+        Ok(pb::CreateSnapshotResponse {
+            snapshot: Some(from_status(&status)),
+        })
+    }
+
+    pub(super) async fn delete_snapshot_impl(
+        &self,
+        r: pb::DeleteSnapshotRequest,
+    ) -> Result<pb::DeleteSnapshotResponse, Status> {
+        if r.snapshot_id.is_empty() {
+            return Err(invalid("snapshot_id is required"));
+        }
+        ids::check_id("snapshot_id", &r.snapshot_id).map_err(invalid)?;
+        let store = self.store()?.clone();
+        let id = r.snapshot_id;
+        let _ticket = self.guard.acquire(&id)?;
+        // An upload still running anywhere must stop first, or it would commit after the delete.
+        let answers = self
+            .directory
+            .fan_out(|_, mut c| {
+                let id = id.clone();
+                async move {
+                    c.abort_snapshot(apb::AbortSnapshotRequest { snapshot_id: id })
+                        .await
+                        .map(drop)
+                }
+            })
+            .await?;
+        for (_, a) in answers {
+            a?;
+        }
+        store
+            .delete(&manifest::manifest_key(&id))
+            .await
+            .map_err(|e| manifest_status(e.into()))?;
+        self.manifests.lock().expect("manifest cache").remove(&id);
+        self.gc_kick.notify_one();
+        tracing::info!(snapshot.id = %id, "snapshot deleted");
+        Ok(pb::DeleteSnapshotResponse {})
+    }
+
+    async fn one(&self, id: &str) -> Result<Option<pb::Snapshot>, Status> {
+        if ids::check_id("snapshot_id", id).is_err() {
+            return Ok(None);
+        }
+        if let Some(m) = self.manifest(id).await? {
+            return Ok(Some(from_manifest(&m)));
+        }
+        Ok(self
+            .pending()
+            .await?
+            .iter()
+            .find(|p| p.snapshot_id == id)
+            .map(from_status))
+    }
+
+    pub(super) async fn list_snapshots_impl(
+        &self,
+        r: pb::ListSnapshotsRequest,
+    ) -> Result<pb::ListSnapshotsResponse, Status> {
+        if r.max_entries < 0 {
+            return Err(invalid("max_entries must not be negative"));
+        }
+        if !r.starting_token.is_empty()
+            && (!r.starting_token.starts_with("snap-") || ids::check_id("token", &r.starting_token).is_err())
+        {
+            return Err(Status::aborted(format!(
+                "starting_token {:?} is not one this driver issued",
+                r.starting_token
+            )));
+        }
+        let store = self.store()?.clone();
+        let mut all: Vec<pb::Snapshot> = if !r.snapshot_id.is_empty() {
+            self.one(&r.snapshot_id).await?.into_iter().collect()
+        } else {
+            let mut v = Vec::new();
+            for id in manifest::list_snapshot_ids(&store)
+                .await
+                .map_err(|e| manifest_status(e.into()))?
+            {
+                if let Some(m) = self.manifest(&id).await? {
+                    v.push(from_manifest(&m));
+                }
+            }
+            let committed: std::collections::HashSet<String> =
+                v.iter().map(|s| s.snapshot_id.clone()).collect();
+            v.extend(
+                self.pending()
+                    .await?
+                    .iter()
+                    .filter(|p| !committed.contains(&p.snapshot_id))
+                    .map(from_status),
+            );
+            v
+        };
+        if !r.source_volume_id.is_empty() {
+            all.retain(|s| s.source_volume_id == r.source_volume_id);
+        }
+        all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+        let rest: Vec<_> = all
+            .into_iter()
+            .filter(|s| s.snapshot_id > r.starting_token)
+            .collect();
+        let take = if r.max_entries == 0 {
+            rest.len()
+        } else {
+            (r.max_entries as usize).min(rest.len())
+        };
+        let next_token = if take < rest.len() {
+            rest[take - 1].snapshot_id.clone()
+        } else {
+            String::new()
+        };
+        let entries = rest
+            .into_iter()
+            .take(take)
+            .map(|s| pb::list_snapshots_response::Entry { snapshot: Some(s) })
+            .collect();
+        Ok(pb::ListSnapshotsResponse { entries, next_token })
+    }
+
+    pub(super) async fn get_snapshot_impl(
+        &self,
+        r: pb::GetSnapshotRequest,
+    ) -> Result<pb::GetSnapshotResponse, Status> {
+        if r.snapshot_id.is_empty() {
+            return Err(invalid("snapshot_id is required"));
+        }
+        self.store()?;
+        match self.one(&r.snapshot_id).await? {
+            Some(s) => Ok(pb::GetSnapshotResponse { snapshot: Some(s) }),
+            None => Err(Status::not_found(format!(
+                "snapshot {} does not exist",
+                r.snapshot_id
+            ))),
+        }
+    }
+}
+
+/// Runs GC shortly after each delete and every `interval`, until `cancel`.
+pub async fn gc_loop(
+    store: Store,
+    kick: Arc<tokio::sync::Notify>,
+    grace: Duration,
+    interval: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = kick.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+        // Let a burst of deletes finish before sweeping.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Err(e) = crate::snapshot::gc::collect(&store, grace).await {
+            tracing::error!(error = %e, "garbage collection failed");
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The node side of snapshots: captures, background uploads (resumed after a restart), and
+//! restores of new volumes from snapshots.
+//!
+//! On disk, per pending snapshot, under the storage directory:
+//!
+//! ```text
+//! snapshots/<snap-id>/pending.rec    the UploadSpec (record envelope)
+//! snapshots/<snap-id>/clone.img      the captured point-in-time image
+//! snapshots/<snap-id>/progress.log   chunks already uploaded (index hash size)
+//! ```
+//!
+//! The directory is removed once the manifest is committed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::manifest::{self, read_manifest};
+use super::restore::{self, RestoreError};
+use super::upload::{self, now_ms, Progress, UploadError, UploadSpec};
+use crate::proto::agent::SnapshotStatus;
+use crate::proto::store::Manifest;
+use crate::store::Store;
+use crate::volume::{record, Access, LineageRecord, VolumeManager};
+
+const PENDING_RECORD: &str = "pending-snapshot";
+
+/// Errors of node snapshot operations, mapped to gRPC codes in `csi::status`.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No store is configured on this node.
+    #[error("no snapshot store is configured (--store)")]
+    NoStore,
+    /// Volume layer failure (not found, busy, ...).
+    #[error(transparent)]
+    Volume(#[from] crate::volume::Error),
+    /// The snapshot exists for another volume.
+    #[error("snapshot {snapshot_id} already exists for volume {volume_id}")]
+    OtherVolume {
+        /// The snapshot.
+        snapshot_id: String,
+        /// Its source volume.
+        volume_id: String,
+    },
+    /// The snapshot does not exist (or is not committed).
+    #[error("snapshot {snapshot_id} does not exist")]
+    NotFound {
+        /// The snapshot.
+        snapshot_id: String,
+    },
+    /// Store or manifest failure.
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    /// Capture failed.
+    #[error(transparent)]
+    Sys(#[from] crate::volume::sys::SysError),
+    /// A restore failed for good (data missing or corrupt).
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// A restore is still running.
+    #[error("volume {volume_id} is being restored: {done} of {total} chunks")]
+    Restoring {
+        /// The volume.
+        volume_id: String,
+        /// Chunks written.
+        done: u64,
+        /// Chunks in all.
+        total: u64,
+    },
+}
+
+#[derive(Debug)]
+enum JobState {
+    Running,
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: UploadSpec,
+    progress: Progress,
+    state: Mutex<JobState>,
+    cancel: CancellationToken,
+    done: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct RestoreJob {
+    progress: Progress,
+    /// `None` while running, then the outcome (errors as text, `Some(Ok)` when done).
+    outcome: Mutex<Option<Result<(), String>>>,
+    permanent: Mutex<bool>,
+    cancel: CancellationToken,
+    done: tokio::sync::Notify,
+}
+
+/// Node-side snapshot service.
+#[derive(Debug)]
+pub struct NodeSnapshots {
+    manager: Arc<VolumeManager>,
+    store: Option<Store>,
+    /// Chunk size of new lineages.
+    chunk_size: u32,
+    /// Parallel chunk transfers per upload or restore.
+    concurrency: usize,
+    /// Uploads in progress or failed, by snapshot id.
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Restores in progress or failed, by volume id.
+    restores: Mutex<HashMap<String, Arc<RestoreJob>>>,
+}
+
+impl NodeSnapshots {
+    /// A service over `manager`; snapshots need `store`.
+    pub fn new(
+        manager: Arc<VolumeManager>,
+        store: Option<Store>,
+        chunk_size: u32,
+        concurrency: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            manager,
+            store,
+            chunk_size,
+            concurrency,
+            jobs: Mutex::default(),
+            restores: Mutex::default(),
+        })
+    }
+
+    fn store(&self) -> Result<&Store, SnapshotError> {
+        self.store.as_ref().ok_or(SnapshotError::NoStore)
+    }
+
+    fn pending_dir(&self, snapshot_id: &str) -> PathBuf {
+        upload::pending_dir(self.manager.root(), snapshot_id)
+    }
+
+    /// Restarts uploads and restores interrupted by a restart of the agent.
+    pub fn resume(self: &Arc<Self>) {
+        let dir = self.manager.root().join("snapshots");
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let rec = e.path().join("pending.rec");
+                match record::read::<UploadSpec>(&rec, PENDING_RECORD) {
+                    Ok(Some(spec)) => {
+                        tracing::info!(snapshot.id = %spec.snapshot_id, "resuming upload");
+                        self.start_upload(spec);
+                    }
+                    Ok(None) => {
+                        // Capture never completed: nothing was promised to anyone yet.
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                    Err(err) => {
+                        tracing::error!(path = %rec.display(), error = %err, "unreadable pending snapshot")
+                    }
+                }
+            }
+        }
+        if let Ok(volumes) = self.manager.list() {
+            for v in volumes {
+                if let Some(snap) = v.restoring {
+                    tracing::info!(volume.id = %v.record.id, snapshot.id = %snap, "resuming restore");
+                    self.start_restore(&v.record.id, &snap);
+                }
+            }
+        }
+    }
+
+    fn status_of(&self, job: &Job) -> SnapshotStatus {
+        SnapshotStatus {
+            snapshot_id: job.spec.snapshot_id.clone(),
+            volume_id: job.spec.volume_id.clone(),
+            name: job.spec.name.clone(),
+            ready: false,
+            capture_unix_ms: job.spec.capture_unix_ms,
+            size_bytes: job.spec.size_bytes,
+            chunks_done: job.progress.done.load(Ordering::Relaxed),
+            chunks_total: job.progress.total.load(Ordering::Relaxed),
+            error: match &*job.state.lock().expect("job state") {
+                JobState::Failed(e) => e.clone(),
+                JobState::Running => String::new(),
+            },
+        }
+    }
+
+    /// Status of a committed snapshot.
+    pub fn committed_status(m: &Manifest) -> SnapshotStatus {
+        let n = m.size_bytes.div_ceil(u64::from(m.chunk_size.max(1)));
+        SnapshotStatus {
+            snapshot_id: m.snapshot_id.clone(),
+            volume_id: m.volume_id.clone(),
+            name: m.name.clone(),
+            ready: true,
+            capture_unix_ms: m.capture_unix_ms,
+            size_bytes: m.size_bytes,
+            chunks_done: n,
+            chunks_total: n,
+            error: String::new(),
+        }
+    }
+
+    /// Captures and starts uploading, or reports the snapshot's progress if already started.
+    pub async fn create(
+        self: &Arc<Self>,
+        volume_id: &str,
+        snapshot_id: &str,
+        name: &str,
+        tags: std::collections::BTreeMap<String, String>,
+    ) -> Result<SnapshotStatus, SnapshotError> {
+        let store = self.store()?.clone();
+        let existing = self.jobs.lock().expect("jobs").get(snapshot_id).cloned();
+        if let Some(job) = existing {
+            if job.spec.volume_id != volume_id {
+                return Err(SnapshotError::OtherVolume {
+                    snapshot_id: snapshot_id.into(),
+                    volume_id: job.spec.volume_id.clone(),
+                });
+            }
+            let status = self.status_of(&job);
+            if matches!(*job.state.lock().expect("job state"), JobState::Failed(_)) {
+                tracing::info!(snapshot.id = %snapshot_id, "retrying failed upload");
+                self.start_upload(job.spec.clone());
+            }
+            return Ok(status);
+        }
+        if let Some(m) = read_manifest(&store, snapshot_id).await? {
+            if m.volume_id != volume_id {
+                return Err(SnapshotError::OtherVolume {
+                    snapshot_id: snapshot_id.into(),
+                    volume_id: m.volume_id,
+                });
+            }
+            return Ok(Self::committed_status(&m));
+        }
+        let v = self.manager.get(volume_id)?;
+        if let Some(snap) = &v.restoring {
+            return Err(crate::volume::Error::Unavailable {
+                volume_id: volume_id.into(),
+                reason: format!("still being restored from {snap}"),
+            }
+            .into());
+        }
+        let lineage = self.manager.lineage(volume_id)?.unwrap_or_else(|| LineageRecord {
+            lineage: format!("lin-{}", uuid::Uuid::new_v4()),
+            last_snapshot_id: String::new(),
+            last_capture_unix_ms: 0,
+            chunk_size: self.chunk_size,
+        });
+        let dir = self.pending_dir(snapshot_id);
+        std::fs::create_dir_all(&dir).map_err(|source| crate::volume::Error::Io {
+            context: format!("create {}", dir.display()),
+            source,
+        })?;
+        let clone = dir.join("clone.img");
+        let _ = std::fs::remove_file(&clone);
+        let mount = v
+            .staging_path
+            .clone()
+            .filter(|_| v.record.access == Access::Mount);
+        let capture_unix_ms = now_ms();
+        super::capture::capture(&self.manager.data_path(volume_id)?, &clone, mount.as_deref()).await?;
+        let spec = UploadSpec {
+            snapshot_id: snapshot_id.into(),
+            name: name.into(),
+            volume_id: volume_id.into(),
+            lineage: lineage.lineage,
+            parent_id: lineage.last_snapshot_id,
+            capture_unix_ms,
+            size_bytes: v.record.capacity_bytes,
+            chunk_size: lineage.chunk_size,
+            fs_type: v.record.fs_type.clone(),
+            block: v.record.access == Access::Block,
+            tags,
+        };
+        // Only now is the snapshot promised: the record makes a restart resume it.
+        record::write(&dir.join("pending.rec"), PENDING_RECORD, &spec).map_err(crate::volume::Error::from)?;
+        tracing::info!(snapshot.id = %snapshot_id, volume.id = %volume_id, parent = %spec.parent_id, "snapshot captured");
+        let job = self.start_upload(spec);
+        Ok(self.status_of(&job))
+    }
+
+    fn start_upload(self: &Arc<Self>, spec: UploadSpec) -> Arc<Job> {
+        let job = Arc::new(Job {
+            spec,
+            progress: Progress::default(),
+            state: Mutex::new(JobState::Running),
+            cancel: CancellationToken::new(),
+            done: tokio::sync::Notify::new(),
+        });
+        self.jobs
+            .lock()
+            .expect("jobs")
+            .insert(job.spec.snapshot_id.clone(), job.clone());
+        let (me, j) = (self.clone(), job.clone());
+        tokio::spawn(async move { me.run_upload(j).await });
+        job
+    }
+
+    async fn run_upload(self: Arc<Self>, job: Arc<Job>) {
+        let Some(store) = self.store.clone() else { return };
+        let id = job.spec.snapshot_id.clone();
+        let dir = self.pending_dir(&id);
+        let result = upload::upload(
+            &store,
+            &job.spec,
+            &dir.join("clone.img"),
+            &dir.join("progress.log"),
+            &job.progress,
+            self.concurrency,
+            &job.cancel,
+        )
+        .await;
+        match result {
+            Ok(m) => {
+                let lineage = LineageRecord {
+                    lineage: m.lineage.clone(),
+                    last_snapshot_id: m.snapshot_id.clone(),
+                    last_capture_unix_ms: m.capture_unix_ms,
+                    chunk_size: m.chunk_size,
+                };
+                if let Err(e) = self.manager.record_snapshot(&m.volume_id, &lineage) {
+                    tracing::warn!(snapshot.id = %id, error = %e, "could not record the snapshot as the volume's parent");
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                self.jobs.lock().expect("jobs").remove(&id);
+                let st = m.stats.unwrap_or_default();
+                tracing::info!(snapshot.id = %id, bytes_read = st.bytes_read, bytes_uploaded = st.bytes_uploaded,
+                    chunks_new = st.chunks_new, chunks_reused = st.chunks_reused, "snapshot committed");
+            }
+            Err(UploadError::Cancelled) => {}
+            Err(e) => {
+                tracing::error!(snapshot.id = %id, error = %e, "snapshot upload failed");
+                *job.state.lock().expect("job state") = JobState::Failed(e.to_string());
+            }
+        }
+        job.done.notify_waiters();
+    }
+
+    /// Uploads not yet committed.
+    pub fn pending(&self) -> Vec<SnapshotStatus> {
+        let jobs: Vec<Arc<Job>> = self.jobs.lock().expect("jobs").values().cloned().collect();
+        jobs.iter().map(|j| self.status_of(j)).collect()
+    }
+
+    /// Stops an upload and removes its local state and lease. OK when there is none.
+    pub async fn abort(&self, snapshot_id: &str) -> Result<(), SnapshotError> {
+        let job = self.jobs.lock().expect("jobs").remove(snapshot_id);
+        if let Some(job) = job {
+            let notified = job.done.notified();
+            job.cancel.cancel();
+            if matches!(*job.state.lock().expect("job state"), JobState::Running) {
+                // The upload stops at its next chunk; bounded so a hung store cannot hang us.
+                let _ = tokio::time::timeout(Duration::from_secs(30), notified).await;
+            }
+        }
+        let dir = self.pending_dir(snapshot_id);
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if let Some(store) = &self.store {
+            store
+                .delete(&manifest::lease_key(snapshot_id))
+                .await
+                .map_err(manifest::ManifestError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts after a failure) the restore of `volume_id` from `snapshot_id`.
+    pub fn start_restore(self: &Arc<Self>, volume_id: &str, snapshot_id: &str) -> Arc<RestoreJobHandle> {
+        let mut restores = self.restores.lock().expect("restores");
+        if let Some(j) = restores.get(volume_id) {
+            let failed_retryable = matches!(&*j.outcome.lock().expect("outcome"), Some(Err(_)))
+                && !*j.permanent.lock().expect("perm");
+            if !failed_retryable {
+                return Arc::new(RestoreJobHandle(j.clone()));
+            }
+        }
+        let job = Arc::new(RestoreJob {
+            progress: Progress::default(),
+            outcome: Mutex::new(None),
+            permanent: Mutex::new(false),
+            cancel: CancellationToken::new(),
+            done: tokio::sync::Notify::new(),
+        });
+        restores.insert(volume_id.to_owned(), job.clone());
+        let (me, j, vol, snap) = (
+            self.clone(),
+            job.clone(),
+            volume_id.to_owned(),
+            snapshot_id.to_owned(),
+        );
+        tokio::spawn(async move { me.run_restore(j, vol, snap).await });
+        Arc::new(RestoreJobHandle(job))
+    }
+
+    async fn run_restore(self: Arc<Self>, job: Arc<RestoreJob>, volume_id: String, snapshot_id: String) {
+        let outcome = async {
+            let store = self.store()?.clone();
+            let m = read_manifest(&store, &snapshot_id)
+                .await?
+                .ok_or_else(|| SnapshotError::NotFound {
+                    snapshot_id: snapshot_id.clone(),
+                })?;
+            let target = self.manager.data_path(&volume_id)?;
+            restore::restore(
+                &store,
+                &m,
+                &target,
+                &format!("restore-{volume_id}"),
+                false,
+                &job.progress,
+                self.concurrency,
+                &job.cancel,
+            )
+            .await?;
+            self.manager.finish_restore(
+                &volume_id,
+                &LineageRecord {
+                    lineage: m.lineage.clone(),
+                    last_snapshot_id: m.snapshot_id.clone(),
+                    last_capture_unix_ms: m.capture_unix_ms,
+                    chunk_size: m.chunk_size,
+                },
+            )?;
+            Ok::<_, SnapshotError>(())
+        }
+        .await;
+        match &outcome {
+            Ok(()) => tracing::info!(volume.id = %volume_id, snapshot.id = %snapshot_id, "volume restored"),
+            Err(e) => {
+                let permanent = matches!(
+                    e,
+                    SnapshotError::NotFound { .. }
+                        | SnapshotError::Restore(RestoreError::MissingChunk { .. })
+                        | SnapshotError::Restore(RestoreError::Corrupt(_))
+                        | SnapshotError::Restore(RestoreError::SnapshotGone { .. })
+                );
+                *job.permanent.lock().expect("perm") = permanent;
+                tracing::error!(volume.id = %volume_id, snapshot.id = %snapshot_id, error = %e, permanent, "restore failed");
+            }
+        }
+        *job.outcome.lock().expect("outcome") = Some(outcome.map_err(|e| e.to_string()));
+        job.done.notify_waiters();
+    }
+
+    /// Cancels a restore (the volume is being deleted).
+    pub async fn cancel_restore(&self, volume_id: &str) {
+        let job = self.restores.lock().expect("restores").remove(volume_id);
+        if let Some(job) = job {
+            let notified = job.done.notified();
+            job.cancel.cancel();
+            if job.outcome.lock().expect("outcome").is_none() {
+                let _ = tokio::time::timeout(Duration::from_secs(30), notified).await;
+            }
+        }
+    }
+
+    /// Progress of a volume's restore: (done, total) chunks.
+    pub fn restore_progress(&self, volume_id: &str) -> Option<(u64, u64)> {
+        let r = self.restores.lock().expect("restores");
+        r.get(volume_id).map(|j| {
+            (
+                j.progress.done.load(Ordering::Relaxed),
+                j.progress.total.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+/// A handle on a restore to wait for.
+#[derive(Debug)]
+pub struct RestoreJobHandle(Arc<RestoreJob>);
+
+impl RestoreJobHandle {
+    /// Waits up to `limit` for the restore to finish: `Some(outcome)` when it did.
+    pub async fn wait(&self, limit: Duration) -> Option<Result<(), (String, bool)>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.0.done.notified();
+            if let Some(o) = self.0.outcome.lock().expect("outcome").clone() {
+                let permanent = *self.0.permanent.lock().expect("perm");
+                return Some(o.map_err(|e| (e, permanent)));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// (done, total) chunks.
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.0.progress.done.load(Ordering::Relaxed),
+            self.0.progress.total.load(Ordering::Relaxed),
+        )
+    }
+}
