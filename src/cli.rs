@@ -30,4 +30,13 @@ pub enum Command {
     /// Guided local run: a controller and a node on temporary directories, a volume created,
     /// staged, published, written, read back and cleaned up. Needs root (loop devices, mounts).
     Demo(crate::demo::DemoArgs),
+    /// Inspect snapshots in a store.
+    #[command(subcommand)]
+    Snapshot(crate::admin::SnapshotCommand),
+    /// Restore a snapshot to a file or block device (no Kubernetes needed).
+    Restore(crate::admin::RestoreArgs),
+    /// Check that every chunk of every snapshot is present and matches its hash.
+    Verify(crate::admin::VerifyArgs),
+    /// Delete chunks no snapshot needs any more (the controller also does this by itself).
+    Gc(crate::admin::GcArgs),
 }

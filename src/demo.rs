@@ -1,7 +1,8 @@
-//! `strata demo`: a guided local run of the driver on the embedded default, no Kubernetes.
+//! `strata demo`: a guided local run of the driver on the embedded default (a local-directory
+//! store), no Kubernetes, no cloud.
 //!
 //! It starts a real controller and a real node process (this same binary) on temporary
-//! directories, then plays the kubelet and the provisioner over their unix sockets.
+//! directories, then plays provisioner, snapshotter and kubelet over their unix sockets.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
+use tonic::transport::Channel;
 
 use crate::client::{connect_unix, wait_for_socket};
 use crate::proto::csi as pb;
@@ -25,7 +27,7 @@ pub struct DemoArgs {
     /// Volume size in MiB.
     #[arg(long, default_value_t = 256)]
     pub size_mib: u64,
-    /// Data written and read back, in MiB.
+    /// Data written before the first snapshot, in MiB.
     #[arg(long, default_value_t = 64)]
     pub data_mib: usize,
 }
@@ -38,13 +40,6 @@ impl Drop for Procs {
             let _ = c.start_kill();
         }
     }
-}
-
-fn step(n: usize, what: &str, t: Instant) {
-    println!(
-        "  [{n}] {what:<58} {:>7.1} ms",
-        t.elapsed().as_secs_f64() * 1000.0
-    );
 }
 
 /// Deterministic, incompressible test data.
@@ -88,187 +83,312 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         None => std::env::temp_dir().join(format!("strata-demo-{}", uuid::Uuid::new_v4().simple())),
     };
     std::fs::create_dir_all(&dir)?;
-    let result = demo(&dir, args.size_mib, args.data_mib).await;
+    let result = Demo::start(&dir).await;
+    let result = match result {
+        Ok(mut d) => {
+            let r = d.story(args.size_mib, args.data_mib).await;
+            d.cleanup().await;
+            r
+        }
+        Err(e) => Err(e),
+    };
     if !keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
 }
 
-async fn demo(dir: &Path, size_mib: u64, data_mib: usize) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let token = crate::agent::auth::Token::generate();
-    let token_file = dir.join("agent.token");
-    std::fs::write(&token_file, token.expose())?;
-    let port = free_port()?;
-    let (csock, nsock) = (dir.join("controller.sock"), dir.join("node.sock"));
-    println!("Strata demo in {}", dir.display());
-    println!(
-        "  controller: {}   node: demo-node (zone demo-zone), agent 127.0.0.1:{port}",
-        csock.display()
-    );
-    let spawn = |args: Vec<String>| {
-        Command::new(&exe)
-            .args(args)
-            .env("STRATA_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-    };
-    let mut procs = Procs(Vec::new());
-    procs.0.push(spawn(vec![
-        "node".into(),
-        format!("--csi-endpoint={}", nsock.display()),
-        "--node-name=demo-node".into(),
-        "--zone=demo-zone".into(),
-        format!("--storage-dir={}", dir.join("storage").display()),
-        format!("--agent-listen=127.0.0.1:{port}"),
-        format!("--agent-token-file={}", token_file.display()),
-    ])?);
-    procs.0.push(spawn(vec![
-        "controller".into(),
-        format!("--csi-endpoint={}", csock.display()),
-        format!("--agents=demo-node=127.0.0.1:{port}"),
-        format!("--agent-token-file={}", token_file.display()),
-    ])?);
-    for s in [&csock, &nsock] {
-        if !wait_for_socket(s, Duration::from_secs(10)).await {
-            bail!("{} did not come up", s.display());
-        }
-    }
-    let mut ctl = ControllerClient::new(connect_unix(&csock).await?);
-    let mut node = NodeClient::new(connect_unix(&nsock).await?);
-    let staging = dir.join("kubelet/staging");
-    let target = dir.join("kubelet/pods/demo/volume");
+struct Demo {
+    dir: PathBuf,
+    store: crate::store::Store,
+    ctl: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    /// (volume id, staging, target) of everything attached, for cleanup.
+    attached: Vec<(String, PathBuf, PathBuf)>,
+    _procs: Procs,
+}
 
-    let t = Instant::now();
-    let vol = ctl
-        .create_volume(pb::CreateVolumeRequest {
-            name: "demo-volume".into(),
+fn step(n: usize, what: &str, t: Instant) {
+    println!(
+        "  [{n:>2}] {what:<66} {:>8.1} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+impl Demo {
+    async fn start(dir: &Path) -> anyhow::Result<Demo> {
+        let exe = std::env::current_exe()?;
+        let token = crate::agent::auth::Token::generate();
+        let token_file = dir.join("agent.token");
+        std::fs::write(&token_file, token.expose())?;
+        let port = free_port()?;
+        let store_dir = dir.join("store");
+        let (csock, nsock) = (dir.join("controller.sock"), dir.join("node.sock"));
+        println!("Strata demo in {}", dir.display());
+        println!(
+            "  controller {}, node demo-node (zone demo-zone), store {}",
+            csock.display(),
+            store_dir.display()
+        );
+        let spawn = |args: Vec<String>| {
+            Command::new(&exe)
+                .args(args)
+                .env("STRATA_LOG_LEVEL", "warn")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+        };
+        let store_arg = format!("--store={}", store_dir.display());
+        let mut procs = Procs(Vec::new());
+        procs.0.push(spawn(vec![
+            "node".into(),
+            format!("--csi-endpoint={}", nsock.display()),
+            "--node-name=demo-node".into(),
+            "--zone=demo-zone".into(),
+            format!("--storage-dir={}", dir.join("storage").display()),
+            format!("--agent-listen=127.0.0.1:{port}"),
+            format!("--agent-token-file={}", token_file.display()),
+            store_arg.clone(),
+        ])?);
+        procs.0.push(spawn(vec![
+            "controller".into(),
+            format!("--csi-endpoint={}", csock.display()),
+            format!("--agents=demo-node=127.0.0.1:{port}"),
+            format!("--agent-token-file={}", token_file.display()),
+            store_arg,
+            "--gc-grace-seconds=0".into(),
+        ])?);
+        for s in [&csock, &nsock] {
+            if !wait_for_socket(s, Duration::from_secs(10)).await {
+                bail!("{} did not come up", s.display());
+            }
+        }
+        Ok(Demo {
+            dir: dir.to_owned(),
+            store: crate::store::open(&store_dir.to_string_lossy()).await?,
+            ctl: ControllerClient::new(connect_unix(&csock).await?),
+            node: NodeClient::new(connect_unix(&nsock).await?),
+            attached: Vec::new(),
+            _procs: procs,
+        })
+    }
+
+    async fn create(&mut self, name: &str, size_mib: u64, from: Option<&str>) -> anyhow::Result<String> {
+        let req = pb::CreateVolumeRequest {
+            name: name.into(),
             capacity_range: Some(pb::CapacityRange {
                 required_bytes: (size_mib << 20) as i64,
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![cap()],
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .volume
-        .context("no volume in answer")?;
-    step(
-        1,
-        &format!(
-            "CreateVolume {} ({} MiB)",
-            vol.volume_id,
-            vol.capacity_bytes >> 20
-        ),
-        t,
-    );
-    let id = vol.volume_id.clone();
-    let stage = |n: &mut NodeClient<_>| {
-        let req = pb::NodeStageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.to_string_lossy().into(),
-            volume_capability: Some(cap()),
+            volume_content_source: from.map(|s| pb::VolumeContentSource {
+                r#type: Some(pb::volume_content_source::Type::Snapshot(
+                    pb::volume_content_source::SnapshotSource {
+                        snapshot_id: s.into(),
+                    },
+                )),
+            }),
             ..Default::default()
         };
-        let mut n = n.clone();
-        async move { n.node_stage_volume(req).await }
-    };
-    let publish = |n: &mut NodeClient<_>| {
-        let req = pb::NodePublishVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.to_string_lossy().into(),
-            target_path: target.to_string_lossy().into(),
-            volume_capability: Some(cap()),
-            ..Default::default()
-        };
-        let mut n = n.clone();
-        async move { n.node_publish_volume(req).await }
-    };
-    let t = Instant::now();
-    stage(&mut node).await?;
-    step(2, "NodeStageVolume (loop device, mkfs.ext4, mount)", t);
-    let t = Instant::now();
-    publish(&mut node).await?;
-    step(3, &format!("NodePublishVolume -> {}", target.display()), t);
-
-    let data = pattern(data_mib << 20, 42);
-    let file = target.join("data.bin");
-    let t = Instant::now();
-    {
-        let (f, d) = (file.clone(), data.clone());
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut fh = std::fs::File::create(&f)?;
-            fh.write_all(&d)?;
-            fh.sync_all()
-        })
-        .await??;
+        loop {
+            match self.ctl.create_volume(req.clone()).await {
+                Ok(v) => return Ok(v.into_inner().volume.context("no volume in answer")?.volume_id),
+                // A restore still in progress: ask again, as the provisioner does.
+                Err(s) if s.code() == tonic::Code::Aborted => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
     }
-    step(4, &format!("wrote {data_mib} MiB through the mount (fsync)"), t);
 
-    let unpublish_unstage = |n: &mut NodeClient<_>| {
-        let mut n = n.clone();
-        let (id, staging, target) = (id.clone(), staging.clone(), target.clone());
-        async move {
-            n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: target.to_string_lossy().into(),
+    async fn attach(&mut self, id: &str, tag: &str) -> anyhow::Result<PathBuf> {
+        let staging = self.dir.join("kubelet/staging").join(tag);
+        let target = self.dir.join("kubelet/pods").join(tag).join("volume");
+        self.node
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_string_lossy().into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
             })
             .await?;
-            n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: id,
+        self.node
+            .node_publish_volume(pb::NodePublishVolumeRequest {
+                volume_id: id.into(),
                 staging_target_path: staging.to_string_lossy().into(),
+                target_path: target.to_string_lossy().into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
             })
-            .await
+            .await?;
+        self.attached.push((id.into(), staging, target.clone()));
+        Ok(target)
+    }
+
+    async fn detach_all(&mut self) -> anyhow::Result<()> {
+        while let Some((id, staging, target)) = self.attached.pop() {
+            self.node
+                .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: target.to_string_lossy().into(),
+                })
+                .await?;
+            self.node
+                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                    volume_id: id,
+                    staging_target_path: staging.to_string_lossy().into(),
+                })
+                .await?;
         }
-    };
-    let t = Instant::now();
-    unpublish_unstage(&mut node).await?;
-    step(5, "NodeUnpublishVolume + NodeUnstageVolume (unmount, detach)", t);
-    let t = Instant::now();
-    stage(&mut node).await?;
-    publish(&mut node).await?;
-    step(6, "staged and published again", t);
-    let t = Instant::now();
-    let back = tokio::fs::read(&file).await?;
-    if back != data {
-        bail!("data read back differs from data written");
+        Ok(())
     }
-    step(
-        7,
-        &format!("read {data_mib} MiB back: identical byte for byte"),
-        t,
-    );
-    let stats = node
-        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-            volume_id: id.clone(),
-            volume_path: target.to_string_lossy().into(),
-            staging_target_path: String::new(),
+
+    async fn snapshot(&mut self, name: &str, volume: &str) -> anyhow::Result<String> {
+        loop {
+            let s = self
+                .ctl
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    source_volume_id: volume.into(),
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .context("no snapshot in answer")?;
+            if s.ready_to_use {
+                return Ok(s.snapshot_id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn story(&mut self, size_mib: u64, data_mib: usize) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let vol = self.create("demo-volume", size_mib, None).await?;
+        step(1, &format!("CreateVolume {vol} ({size_mib} MiB)"), t);
+        let t = Instant::now();
+        let mnt = self.attach(&vol, "demo").await?;
+        step(2, "NodeStage (loop device, mkfs.ext4, mount) + NodePublish", t);
+        let t = Instant::now();
+        let v1 = pattern(data_mib << 20, 42);
+        write_synced(&mnt.join("data.bin"), &v1, 0)?;
+        step(3, &format!("wrote {data_mib} MiB through the mount"), t);
+        let t = Instant::now();
+        let s1 = self.snapshot("demo-snapshot-1", &vol).await?;
+        step(4, &format!("CreateSnapshot {s1} until ready (full)"), t);
+
+        // About 1% of the volume changes: a few 1 MiB extents rewritten in place.
+        let t = Instant::now();
+        let mut v2 = v1.clone();
+        let extents = ((size_mib as usize).div_ceil(100)).max(1);
+        for i in 0..extents {
+            let off = (i * 7 + 3) % data_mib.max(1) << 20;
+            let patch = pattern(1 << 20, 1000 + i as u64);
+            let end = (off + patch.len()).min(v2.len());
+            v2[off..end].copy_from_slice(&patch[..end - off]);
+            write_synced(&mnt.join("data.bin"), &patch[..end - off], off as u64)?;
+        }
+        step(5, &format!("rewrote {extents} MiB (about 1% of the volume)"), t);
+        let t = Instant::now();
+        let s2 = self.snapshot("demo-snapshot-2", &vol).await?;
+        step(6, &format!("CreateSnapshot {s2} until ready (incremental)"), t);
+
+        for (n, (snap, want, tag)) in [(&s1, &v1, "restore-1"), (&s2, &v2, "restore-2")]
+            .into_iter()
+            .enumerate()
+        {
+            let t = Instant::now();
+            let rv = self.create(tag, size_mib, Some(snap)).await?;
+            let m = self.attach(&rv, tag).await?;
+            let got = std::fs::read(m.join("data.bin"))?;
+            if &got != want {
+                bail!("restore of {snap} differs from the data at its capture");
+            }
+            step(7 + n, &format!("restored {snap}: identical byte for byte"), t);
+        }
+        let t = Instant::now();
+        crate::admin::verify(crate::admin::VerifyArgs {
+            snapshots: vec![],
+            concurrency: 16,
+            store: crate::admin::StoreArgs {
+                store: self.dir.join("store").to_string_lossy().into(),
+            },
         })
-        .await?
-        .into_inner();
-    if let Some(b) = stats.usage.first() {
+        .await?;
+        step(9, "verified every chunk of every snapshot against its hash", t);
+
+        println!();
         println!(
-            "      NodeGetVolumeStats: {} MiB used of {} MiB; condition: {}",
-            b.used >> 20,
-            b.total >> 20,
-            stats.volume_condition.map(|c| c.message).unwrap_or_default()
+            "  {:<42} {:>8} {:>11} {:>11} {:>11}",
+            "snapshot", "parent", "bytes read", "uploaded", "reused"
         );
+        for id in [&s1, &s2] {
+            let m = crate::snapshot::manifest::read_manifest(&self.store, id)
+                .await?
+                .context("manifest")?;
+            let st = m.stats.unwrap_or_default();
+            println!(
+                "  {:<42} {:>8} {:>11} {:>11} {:>11}",
+                id,
+                if m.parent_id.is_empty() { "-" } else { "previous" },
+                crate::admin::bytes(st.bytes_read),
+                crate::admin::bytes(st.bytes_uploaded),
+                crate::admin::bytes(st.bytes_reused)
+            );
+        }
+        println!();
+
+        let t = Instant::now();
+        self.detach_all().await?;
+        for s in [&s1, &s2] {
+            self.ctl
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: s.to_string(),
+                    ..Default::default()
+                })
+                .await?;
+        }
+        let report = crate::snapshot::gc::collect(&self.store, Duration::ZERO).await?;
+        let left = self.store.list("chunks/").await?.len();
+        step(
+            10,
+            &format!(
+                "deleted both snapshots; GC removed {} chunks, {left} left",
+                report.deleted
+            ),
+            t,
+        );
+        println!("Demo complete.");
+        Ok(())
     }
-    let t = Instant::now();
-    unpublish_unstage(&mut node).await?;
-    ctl.delete_volume(pb::DeleteVolumeRequest {
-        volume_id: id.clone(),
-        secrets: Default::default(),
-    })
-    .await?;
-    step(8, "unpublished, unstaged, DeleteVolume", t);
-    println!(
-        "Demo complete: the volume lived on a sparse file, a loop device and an ext4 mount, and is gone."
-    );
-    drop(procs);
-    Ok(())
+
+    async fn cleanup(&mut self) {
+        let _ = self.detach_all().await;
+        if let Ok(list) = self.ctl.list_volumes(pb::ListVolumesRequest::default()).await {
+            for e in list.into_inner().entries {
+                if let Some(v) = e.volume {
+                    let _ = self
+                        .ctl
+                        .delete_volume(pb::DeleteVolumeRequest {
+                            volume_id: v.volume_id,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8], off: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    f.write_all_at(data, off)?;
+    f.sync_all()
 }

@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod client;

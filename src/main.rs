@@ -14,6 +14,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Node(args) => strata::service::run_node(args, strata::service::shutdown_on_signal()).await?,
         Command::Demo(args) => strata::demo::run(args).await?,
+        Command::Snapshot(cmd) => strata::admin::snapshot(cmd).await?,
+        Command::Restore(args) => strata::admin::restore(args).await?,
+        Command::Verify(args) => strata::admin::verify(args).await?,
+        Command::Gc(args) => strata::admin::gc(args).await?,
     }
     Ok(())
 }

@@ -308,8 +308,16 @@ pub async fn gc_loop(
         }
         // Let a burst of deletes finish before sweeping.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if let Err(e) = crate::snapshot::gc::collect(&store, grace).await {
-            tracing::error!(error = %e, "garbage collection failed");
+        match crate::snapshot::gc::collect(&store, grace).await {
+            Ok(r) => tracing::info!(
+                deleted = r.deleted,
+                bytes = r.bytes_deleted,
+                kept_recent = r.kept_recent,
+                manifests = r.manifests,
+                leases = r.leases,
+                "garbage collection"
+            ),
+            Err(e) => tracing::error!(error = %e, "garbage collection failed"),
         }
     }
 }

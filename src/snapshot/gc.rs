@@ -102,6 +102,6 @@ pub async fn collect(store: &Store, grace: Duration) -> Result<GcReport, GcError
             report.bytes_deleted += obj.size;
         }
     }
-    tracing::info!(?report, "garbage collection done");
+    tracing::debug!(?report, "garbage collection done");
     Ok(report)
 }

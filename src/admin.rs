@@ -1,0 +1,409 @@
+//! Admin verbs that work on a store directly, no Kubernetes needed: `snapshot ls|show`,
+//! `restore`, `verify`, `gc`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::stream::{self, StreamExt};
+
+use crate::proto::store::Manifest;
+use crate::snapshot::chunk::{self, Hash};
+use crate::snapshot::upload::Progress;
+use crate::snapshot::{gc, manifest, restore};
+use crate::store::{Store, StoreError};
+
+/// Which store to work on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Snapshot store: a directory path, or `s3://bucket/prefix?endpoint=..&region=..&path_style=true`.
+    #[arg(long, env = "STRATA_STORE")]
+    pub store: String,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<Store> {
+        crate::store::open(&self.store)
+            .await
+            .with_context(|| format!("opening store {}", self.store))
+    }
+}
+
+/// `strata snapshot ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// List committed snapshots with their chain and sizes.
+    Ls(StoreArgs),
+    /// Show one snapshot: chain, sizes, bytes new and reused, tags.
+    Show {
+        /// Snapshot id.
+        id: String,
+        /// Store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Human-readable bytes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// UTC time of a Unix millisecond timestamp, `YYYY-MM-DD HH:MM:SS`.
+pub fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+async fn all_manifests(store: &Store) -> anyhow::Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    for id in manifest::list_snapshot_ids(store).await? {
+        if let Some(m) = manifest::read_manifest(store, &id).await? {
+            out.push(m);
+        }
+    }
+    out.sort_by_key(|m| (m.capture_unix_ms, m.snapshot_id.clone()));
+    Ok(out)
+}
+
+/// Runs `strata snapshot ...`.
+pub async fn snapshot(cmd: SnapshotCommand) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCommand::Ls(s) => {
+            let store = s.open().await?;
+            let ms = all_manifests(&store).await?;
+            println!(
+                "{:<41} {:<40} {:<19} {:>9} {:>9} {:>9} {:>9}  PARENT",
+                "SNAPSHOT", "VOLUME", "CAPTURED (UTC)", "SIZE", "DATA", "NEW", "READ"
+            );
+            for m in &ms {
+                let st = m.stats.unwrap_or_default();
+                let data = st.bytes_new + st.bytes_reused;
+                println!(
+                    "{:<41} {:<40} {:<19} {:>9} {:>9} {:>9} {:>9}  {}",
+                    m.snapshot_id,
+                    m.volume_id,
+                    utc(m.capture_unix_ms),
+                    bytes(m.size_bytes),
+                    bytes(data),
+                    bytes(st.bytes_uploaded),
+                    bytes(st.bytes_read),
+                    if m.parent_id.is_empty() { "-" } else { &m.parent_id }
+                );
+            }
+            println!("{} snapshot(s)", ms.len());
+        }
+        SnapshotCommand::Show { id, store } => {
+            let store = store.open().await?;
+            let m = manifest::read_manifest(&store, &id)
+                .await?
+                .with_context(|| format!("snapshot {id} does not exist"))?;
+            let st = m.stats.unwrap_or_default();
+            println!("snapshot        {}", m.snapshot_id);
+            println!("name            {}", m.name);
+            println!("volume          {}", m.volume_id);
+            println!("lineage         {}", m.lineage);
+            println!("captured        {} UTC", utc(m.capture_unix_ms));
+            println!("committed       {} UTC", utc(m.committed_unix_ms));
+            println!("size            {} ({} bytes)", bytes(m.size_bytes), m.size_bytes);
+            println!("chunk size      {}", bytes(u64::from(m.chunk_size)));
+            println!(
+                "filesystem      {}",
+                if m.block {
+                    "(block)".to_string()
+                } else {
+                    m.fs_type.clone()
+                }
+            );
+            println!(
+                "chunks          {} stored, {} zero (not stored)",
+                m.chunks.len(),
+                st.chunks_zero
+            );
+            println!("bytes read      {}", bytes(st.bytes_read));
+            println!(
+                "new             {} in {} chunks, {} uploaded",
+                bytes(st.bytes_new),
+                st.chunks_new,
+                bytes(st.bytes_uploaded)
+            );
+            println!(
+                "reused          {} in {} chunks",
+                bytes(st.bytes_reused),
+                st.chunks_reused
+            );
+            println!("upload time     {:.1} s", st.upload_ms as f64 / 1000.0);
+            let tags: BTreeMap<_, _> = m.tags.iter().collect();
+            for (k, v) in tags {
+                println!("tag             {k}={v}");
+            }
+            let mut chain = vec![m.snapshot_id.clone()];
+            let mut parent = m.parent_id.clone();
+            while !parent.is_empty() && chain.len() < 10_000 {
+                match manifest::read_manifest(&store, &parent).await? {
+                    Some(p) => {
+                        chain.push(p.snapshot_id.clone());
+                        parent = p.parent_id.clone();
+                    }
+                    None => {
+                        chain.push(format!("{parent} (deleted)"));
+                        break;
+                    }
+                }
+            }
+            println!("chain           {}", chain.join(" <- "));
+        }
+    }
+    Ok(())
+}
+
+/// `strata restore` options.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Target: a file (created or replaced) or a block device at least as large as the snapshot.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Parallel chunk fetches.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Store.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Runs `strata restore`, with a progress bar on stderr.
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let store = args.store.open().await?;
+    let m = manifest::read_manifest(&store, &args.snapshot)
+        .await?
+        .with_context(|| format!("snapshot {} does not exist", args.snapshot))?;
+    let is_device = std::fs::metadata(&args.to)
+        .map(|md| md.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_device {
+        let size = std::fs::OpenOptions::new()
+            .read(true)
+            .open(&args.to)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .with_context(|| format!("sizing {}", args.to.display()))?;
+        if size < m.size_bytes {
+            bail!(
+                "{} holds {size} bytes; the snapshot needs {}",
+                args.to.display(),
+                m.size_bytes
+            );
+        }
+    } else {
+        let f = std::fs::File::create(&args.to).with_context(|| format!("creating {}", args.to.display()))?;
+        f.set_len(m.size_bytes)?;
+    }
+    let progress = Progress::default();
+    let bar = indicatif::ProgressBar::new(m.size_bytes.div_ceil(u64::from(m.chunk_size)));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} restoring [{bar:40}] {pos}/{len} chunks {msg} ({eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let lease = format!("restore-cli-{}", uuid::Uuid::new_v4().simple());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let job = restore::restore(
+        &store,
+        &m,
+        &args.to,
+        &lease,
+        is_device,
+        &progress,
+        args.concurrency,
+        &cancel,
+    );
+    tokio::pin!(job);
+    let result = loop {
+        tokio::select! {
+            r = &mut job => break r,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                bar.set_position(progress.done.load(Ordering::Relaxed));
+                bar.set_message(bytes(progress.bytes_read.load(Ordering::Relaxed)));
+            }
+        }
+    };
+    bar.finish_and_clear();
+    result?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "restored {} ({}) to {} in {:.2} s: {:.0} MB/s of volume, {} fetched",
+        m.snapshot_id,
+        bytes(m.size_bytes),
+        args.to.display(),
+        secs,
+        m.size_bytes as f64 / secs / 1e6,
+        bytes(progress.bytes_read.load(Ordering::Relaxed))
+    );
+    Ok(())
+}
+
+/// `strata verify` options.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Snapshots to verify (default: all).
+    pub snapshots: Vec<String>,
+    /// Parallel chunk fetches.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Store.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Runs `strata verify`: every chunk of every (chosen) manifest is fetched and checked against its
+/// hash. Fails when anything is missing or corrupt.
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let store = args.store.open().await?;
+    let ms = if args.snapshots.is_empty() {
+        all_manifests(&store).await?
+    } else {
+        let mut v = Vec::new();
+        for id in &args.snapshots {
+            v.push(
+                manifest::read_manifest(&store, id)
+                    .await?
+                    .with_context(|| format!("snapshot {id} does not exist"))?,
+            );
+        }
+        v
+    };
+    let unique: HashSet<Hash> = ms.iter().flat_map(crate::snapshot::upload::hashes).collect();
+    let started = Instant::now();
+    let results: HashMap<Hash, Result<(), String>> = stream::iter(unique)
+        .map(|h| {
+            let store = store.clone();
+            async move {
+                let r = match store.get(&chunk::key(&h)).await {
+                    Ok(obj) => tokio::task::spawn_blocking(move || chunk::decode(&h, &obj).map(drop))
+                        .await
+                        .expect("verify task panicked")
+                        .map_err(|e| e.to_string()),
+                    Err(StoreError::NotFound { .. }) => Err("missing".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (h, r)
+            }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
+    let mut bad_snapshots = 0;
+    for m in &ms {
+        let bad: Vec<String> = m
+            .chunks
+            .iter()
+            .filter_map(|c| {
+                let h: Hash = c.hash.as_slice().try_into().ok()?;
+                match results.get(&h) {
+                    Some(Err(e)) => Some(format!("chunk {} ({}): {e}", c.index, chunk::hex(&h))),
+                    _ => None,
+                }
+            })
+            .collect();
+        if bad.is_empty() {
+            println!("ok       {}  {} chunks", m.snapshot_id, m.chunks.len());
+        } else {
+            bad_snapshots += 1;
+            println!(
+                "DAMAGED  {}  {} of {} chunks bad",
+                m.snapshot_id,
+                bad.len(),
+                m.chunks.len()
+            );
+            for b in bad.iter().take(20) {
+                println!("         {b}");
+            }
+        }
+    }
+    println!(
+        "verified {} snapshot(s), {} unique chunks in {:.1} s",
+        ms.len(),
+        results.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if bad_snapshots > 0 {
+        bail!("{bad_snapshots} snapshot(s) damaged");
+    }
+    Ok(())
+}
+
+/// `strata gc` options.
+#[derive(Debug, clap::Args)]
+pub struct GcArgs {
+    /// Keep unreferenced chunks younger than this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub grace_seconds: u64,
+    /// Store.
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Runs `strata gc`.
+pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let store = args.store.open().await?;
+    let r = gc::collect(&store, Duration::from_secs(args.grace_seconds)).await?;
+    println!(
+        "{} manifests, {} leases; {} chunks: {} referenced, {} recent kept, {} deleted ({})",
+        r.manifests,
+        r.leases,
+        r.chunks,
+        r.referenced,
+        r.kept_recent,
+        r.deleted,
+        bytes(r.bytes_deleted)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_795_000_000_000), "2026-11-18 11:06:40");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+    }
+}

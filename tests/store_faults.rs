@@ -1,0 +1,149 @@
+//! Transient store failures are retried with backoff and change nothing in the result; permanent
+//! ones end the operation with a clear error, quickly, and commit nothing.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use strata::snapshot::upload::{upload, Progress, UploadSpec};
+use strata::snapshot::{manifest, restore};
+use strata::store::local::LocalStore;
+use strata::store::retry::{Policy, Retrying};
+use strata::store::unreliable::Unreliable;
+use strata::store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: u32 = 64 << 10;
+
+fn spec(id: &str, size: u64) -> UploadSpec {
+    UploadSpec {
+        snapshot_id: id.into(),
+        name: id.into(),
+        volume_id: "vol-f".into(),
+        lineage: "lin".into(),
+        parent_id: String::new(),
+        capture_unix_ms: 1,
+        size_bytes: size,
+        chunk_size: CHUNK,
+        fs_type: String::new(),
+        block: true,
+        tags: BTreeMap::new(),
+    }
+}
+
+fn image(dir: &std::path::Path, size: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let data = strata::demo::pattern(size, 77);
+    let p = dir.join("img");
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: Store = Arc::new(LocalStore::open(&dir.path().join("store")).unwrap());
+    let faulty = Arc::new(Unreliable::new(local.clone(), 3));
+    let policy = Policy {
+        attempts: 10,
+        base: Duration::from_millis(1),
+        max: Duration::from_millis(20),
+    };
+    let store: Store = Arc::new(Retrying::with_policy(faulty.clone(), policy));
+    let (img, data) = image(dir.path(), 40 * CHUNK as usize + 123);
+    let p = Progress::default();
+    let cancel = CancellationToken::new();
+    let m = upload(
+        &store,
+        &spec("snap-f", data.len() as u64),
+        &img,
+        &dir.path().join("log"),
+        &p,
+        4,
+        &cancel,
+    )
+    .await
+    .unwrap();
+    assert!(
+        faulty.injected.load(Ordering::Relaxed) > 10,
+        "no faults were injected"
+    );
+    let out = dir.path().join("out");
+    std::fs::File::create(&out)
+        .unwrap()
+        .set_len(data.len() as u64)
+        .unwrap();
+    restore::restore(&store, &m, &out, "r", false, &Progress::default(), 4, &cancel)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+#[tokio::test]
+async fn permanent_failure_ends_quickly_and_commits_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: Store = Arc::new(LocalStore::open(&dir.path().join("store")).unwrap());
+    let faulty = Arc::new(Unreliable::new(local.clone(), 0));
+    faulty.poison("chunks/");
+    let store: Store = Arc::new(Retrying::new(faulty.clone()));
+    let (img, data) = image(dir.path(), 8 * CHUNK as usize);
+    let started = Instant::now();
+    let err = upload(
+        &store,
+        &spec("snap-p", data.len() as u64),
+        &img,
+        &dir.path().join("log"),
+        &Progress::default(),
+        4,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a permanent error was retried"
+    );
+    assert!(
+        err.to_string().contains("injected permanent failure"),
+        "unclear error: {err}"
+    );
+    assert!(
+        manifest::read_manifest(&local, "snap-p").await.unwrap().is_none(),
+        "a manifest was committed"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_s3_endpoint_fails_with_a_clear_error_not_a_hang() {
+    // A port nothing listens on: connections are refused (a transient error, retried, then given up).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::env::set_var(
+        "AWS_ACCESS_KEY_ID",
+        std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "x".into()),
+    );
+    std::env::set_var(
+        "AWS_SECRET_ACCESS_KEY",
+        std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "y".into()),
+    );
+    let store = strata::store::open(&format!(
+        "s3://bucket/p?endpoint=http://127.0.0.1:{port}&path_style=true"
+    ))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let err = store.get("snapshots/x.manifest").await.unwrap_err();
+    assert!(matches!(err, StoreError::Transient { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up only after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        strata::store::retry::RETRIES.load(Ordering::Relaxed) >= 3,
+        "the dropped connection was not retried"
+    );
+}
