@@ -202,6 +202,7 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         store,
         chunk_size,
         args.transfer_concurrency.unwrap_or(8).max(1),
+        metrics.clone(),
     );
     snapshots.resume();
     let agent = AgentService {

@@ -670,6 +670,35 @@ async fn metrics_count_rpcs_by_method_and_code() {
         s.read_to_string(&mut out).await.unwrap();
         out
     };
+    // A committed snapshot is counted.
+    let mut ctl = bed.controller().await;
+    let v = ctl
+        .create_volume(create_req("mv", 8 * MIB, block_cap()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (st, tg) = bed.kubelet_paths("mv");
+    attach(&mut node, &v.volume_id, &st, &tg, block_cap()).await;
+    std::fs::write(&tg, strata::demo::pattern(2 << 20, 5)).unwrap();
+    loop {
+        let s = ctl
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: v.volume_id.clone(),
+                name: "ms".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if s.ready_to_use {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert!(get("/healthz").await.contains("200 OK"));
     let m = get("/metrics").await;
     assert!(
@@ -677,4 +706,17 @@ async fn metrics_count_rpcs_by_method_and_code() {
         "metrics were:\n{m}"
     );
     assert!(m.contains("strata_csi_request_seconds_bucket"));
+    assert!(
+        m.contains(r#"strata_snapshots_total{outcome="committed"} 1"#),
+        "metrics were:\n{m}"
+    );
+    assert!(
+        m.contains(r#"strata_snapshot_chunks_total{outcome="new"} 2"#),
+        "metrics were:\n{m}"
+    );
+    assert!(
+        m.contains("strata_snapshot_uploaded_bytes_total 2"),
+        "metrics were:\n{m}"
+    );
+    assert!(m.contains("strata_store_retries_total"));
 }

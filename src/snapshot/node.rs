@@ -111,6 +111,8 @@ pub struct NodeSnapshots {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Restores in progress or failed, by volume id.
     restores: Mutex<HashMap<String, Arc<RestoreJob>>>,
+    /// Where uploads and restores are counted.
+    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl NodeSnapshots {
@@ -120,6 +122,7 @@ impl NodeSnapshots {
         store: Option<Store>,
         chunk_size: u32,
         concurrency: usize,
+        metrics: Arc<crate::telemetry::Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             manager,
@@ -128,6 +131,7 @@ impl NodeSnapshots {
             concurrency,
             jobs: Mutex::default(),
             restores: Mutex::default(),
+            metrics,
         })
     }
 
@@ -304,6 +308,7 @@ impl NodeSnapshots {
         let Some(store) = self.store.clone() else { return };
         let id = job.spec.snapshot_id.clone();
         let dir = self.pending_dir(&id);
+        self.metrics.snapshot.in_progress.inc();
         let result = upload::upload(
             &store,
             &job.spec,
@@ -314,8 +319,13 @@ impl NodeSnapshots {
             &job.cancel,
         )
         .await;
+        self.metrics.snapshot.in_progress.dec();
         match result {
             Ok(m) => {
+                let secs = (m.committed_unix_ms - m.capture_unix_ms).max(0) as f64 / 1000.0;
+                self.metrics
+                    .snapshot
+                    .committed(&m.stats.unwrap_or_default(), secs);
                 let lineage = LineageRecord {
                     lineage: m.lineage.clone(),
                     last_snapshot_id: m.snapshot_id.clone(),
@@ -333,6 +343,7 @@ impl NodeSnapshots {
             }
             Err(UploadError::Cancelled) => {}
             Err(e) => {
+                self.metrics.snapshot.failed();
                 tracing::error!(snapshot.id = %id, error = %e, "snapshot upload failed");
                 *job.state.lock().expect("job state") = JobState::Failed(e.to_string());
             }
@@ -399,6 +410,7 @@ impl NodeSnapshots {
     }
 
     async fn run_restore(self: Arc<Self>, job: Arc<RestoreJob>, volume_id: String, snapshot_id: String) {
+        let started = std::time::Instant::now();
         let outcome = async {
             let store = self.store()?.clone();
             let m = read_manifest(&store, &snapshot_id)
@@ -430,6 +442,13 @@ impl NodeSnapshots {
             Ok::<_, SnapshotError>(())
         }
         .await;
+        let fetched = job.progress.bytes_read.load(Ordering::Relaxed);
+        let cancelled = matches!(&outcome, Err(SnapshotError::Restore(RestoreError::Cancelled)));
+        if !cancelled {
+            self.metrics
+                .snapshot
+                .restored(outcome.is_ok(), fetched, started.elapsed().as_secs_f64());
+        }
         match &outcome {
             Ok(()) => tracing::info!(volume.id = %volume_id, snapshot.id = %snapshot_id, "volume restored"),
             Err(e) => {

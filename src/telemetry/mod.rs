@@ -17,6 +17,33 @@ pub mod names {
     pub const CSI_REQUESTS: &str = "strata_csi_requests";
     /// CSI RPC latency, by method.
     pub const CSI_REQUEST_SECONDS: &str = "strata_csi_request_seconds";
+    /// Bytes of volume images read to build snapshots.
+    pub const SNAPSHOT_BYTES_READ: &str = "strata_snapshot_read_bytes";
+    /// Bytes sent to the store by snapshot uploads (compressed).
+    pub const SNAPSHOT_BYTES_UPLOADED: &str = "strata_snapshot_uploaded_bytes";
+    /// Raw bytes of chunks reused from the parent snapshot.
+    pub const SNAPSHOT_BYTES_REUSED: &str = "strata_snapshot_reused_bytes";
+    /// Chunks processed by snapshot uploads, by outcome (new, reused, zero).
+    pub const SNAPSHOT_CHUNKS: &str = "strata_snapshot_chunks";
+    /// Snapshots committed, and uploads that failed.
+    pub const SNAPSHOTS: &str = "strata_snapshots";
+    /// Time from capture to commit.
+    pub const SNAPSHOT_SECONDS: &str = "strata_snapshot_seconds";
+    /// Uploads running now.
+    pub const UPLOADS_IN_PROGRESS: &str = "strata_snapshot_uploads_in_progress";
+    /// Restores finished, by outcome.
+    pub const RESTORES: &str = "strata_restores";
+    /// Bytes fetched from the store by restores.
+    pub const RESTORE_BYTES: &str = "strata_restore_fetched_bytes";
+    /// Restore duration.
+    pub const RESTORE_SECONDS: &str = "strata_restore_seconds";
+    /// Store operations retried after a transient error.
+    pub const STORE_RETRIES: &str = "strata_store_retries";
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +63,93 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RpcLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    /// Snapshot engine counters, public so the node's snapshot service can feed them.
+    pub snapshot: SnapshotMetrics,
+    store_retries: Counter,
+}
+
+/// Counters of snapshot uploads and restores.
+#[derive(Clone, Debug)]
+pub struct SnapshotMetrics {
+    /// Bytes read from captured images.
+    pub bytes_read: Counter,
+    /// Bytes uploaded.
+    pub bytes_uploaded: Counter,
+    /// Bytes reused from parents.
+    pub bytes_reused: Counter,
+    chunks: Family<OutcomeLabels, Counter>,
+    snapshots: Family<OutcomeLabels, Counter>,
+    /// Capture-to-commit time.
+    pub seconds: Histogram,
+    /// Uploads in progress.
+    pub in_progress: prometheus_client::metrics::gauge::Gauge,
+    restores: Family<OutcomeLabels, Counter>,
+    /// Bytes fetched by restores.
+    pub restore_bytes: Counter,
+    /// Restore time.
+    pub restore_seconds: Histogram,
+}
+
+impl SnapshotMetrics {
+    fn new() -> Self {
+        Self {
+            bytes_read: Counter::default(),
+            bytes_uploaded: Counter::default(),
+            bytes_reused: Counter::default(),
+            chunks: Family::default(),
+            snapshots: Family::default(),
+            seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            in_progress: Default::default(),
+            restores: Family::default(),
+            restore_bytes: Counter::default(),
+            restore_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+        }
+    }
+
+    /// Counts a committed snapshot from its manifest statistics.
+    pub fn committed(&self, st: &crate::proto::store::Stats, seconds: f64) {
+        self.bytes_read.inc_by(st.bytes_read);
+        self.bytes_uploaded.inc_by(st.bytes_uploaded);
+        self.bytes_reused.inc_by(st.bytes_reused);
+        for (outcome, n) in [
+            ("new", st.chunks_new),
+            ("reused", st.chunks_reused),
+            ("zero", st.chunks_zero),
+        ] {
+            self.chunks
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.into(),
+                })
+                .inc_by(n);
+        }
+        self.snapshots
+            .get_or_create(&OutcomeLabels {
+                outcome: "committed".into(),
+            })
+            .inc();
+        self.seconds.observe(seconds);
+    }
+
+    /// Counts a failed upload.
+    pub fn failed(&self) {
+        self.snapshots
+            .get_or_create(&OutcomeLabels {
+                outcome: "failed".into(),
+            })
+            .inc();
+    }
+
+    /// Counts a finished restore.
+    pub fn restored(&self, ok: bool, bytes: u64, seconds: f64) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.restores
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.restore_bytes.inc_by(bytes);
+        self.restore_seconds.observe(seconds);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,10 +175,66 @@ impl Default for Metrics {
             "CSI RPC latency in seconds",
             latency.clone(),
         );
+        let snapshot = SnapshotMetrics::new();
+        let m = &snapshot;
+        registry.register(
+            names::SNAPSHOT_BYTES_READ,
+            "Bytes of captured images read",
+            m.bytes_read.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_BYTES_UPLOADED,
+            "Bytes uploaded by snapshots",
+            m.bytes_uploaded.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_BYTES_REUSED,
+            "Bytes reused from parent snapshots",
+            m.bytes_reused.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_CHUNKS,
+            "Snapshot chunks by outcome",
+            m.chunks.clone(),
+        );
+        registry.register(
+            names::SNAPSHOTS,
+            "Snapshot uploads by outcome",
+            m.snapshots.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_SECONDS,
+            "Capture to commit, seconds",
+            m.seconds.clone(),
+        );
+        registry.register(
+            names::UPLOADS_IN_PROGRESS,
+            "Snapshot uploads running",
+            m.in_progress.clone(),
+        );
+        registry.register(names::RESTORES, "Restores by outcome", m.restores.clone());
+        registry.register(
+            names::RESTORE_BYTES,
+            "Bytes fetched by restores",
+            m.restore_bytes.clone(),
+        );
+        registry.register(
+            names::RESTORE_SECONDS,
+            "Restore duration, seconds",
+            m.restore_seconds.clone(),
+        );
+        let store_retries = Counter::default();
+        registry.register(
+            names::STORE_RETRIES,
+            "Store operations retried",
+            store_retries.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
+            snapshot,
+            store_retries,
         }
     }
 }
@@ -101,6 +271,11 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        // The retry count lives in the store layer (shared by every store of the process).
+        let retries = crate::store::retry::RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+        self.store_retries
+            .inner()
+            .store(retries, std::sync::atomic::Ordering::Relaxed);
         let mut out = String::new();
         let reg = self.registry.lock().expect("registry poisoned");
         prometheus_client::encoding::text::encode(&mut out, &reg).expect("writing to a String cannot fail");
