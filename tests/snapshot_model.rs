@@ -101,6 +101,8 @@ async fn run_model(store: Store, ops: Vec<Op>, dir: &Path) {
                     fs_type: String::new(),
                     block: true,
                     tags: BTreeMap::new(),
+                    reflinked: false,
+                    base: None,
                 };
                 let p = Progress::default();
                 let m = upload(

@@ -624,3 +624,79 @@ async fn upload_killed_mid_way_resumes_after_restart() {
     );
     assert!(got[200 << 20..].iter().all(|&b| b == 0));
 }
+
+#[tokio::test]
+async fn on_xfs_unchanged_chunks_are_not_even_read() {
+    let bed = TestBed::start_spec(BedSpec {
+        nodes: vec![("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None)],
+        xfs_storage: true,
+        ..Default::default()
+    })
+    .await;
+    let mut ctl = bed.controller().await;
+    let id = ctl
+        .create_volume(create_req("x", 64 * MIB, block_cap()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut a = bed.node(0).await;
+    let (staging, target) = bed.kubelet_paths("x");
+    attach(&mut a, &id, &staging, &target, block_cap()).await;
+    let mut model = pattern(64 << 20, 31);
+    model[32 << 20..].fill(0);
+    // Zeros written for real (not holes): only the extent maps can tell they did not change.
+    overwrite(&target, 0, &model);
+    let store = bed.store().await;
+    let mut snaps = Vec::new();
+    for (round, extents) in [(0u64, vec![]), (1, vec![5u64, 40]), (2, vec![6, 7, 63])] {
+        for &e in &extents {
+            let patch = pattern(1 << 20, 100 + round * 10 + e);
+            overwrite(&target, e << 20, &patch);
+            model[(e as usize) << 20..((e as usize) + 1) << 20].copy_from_slice(&patch);
+        }
+        let s = snapshot(&mut ctl, &format!("xr{round}"), &id).await;
+        let m = strata::snapshot::manifest::read_manifest(&store, &s.snapshot_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let st = m.stats.unwrap();
+        if round > 0 {
+            let changed = extents.len() as u64;
+            assert_eq!(st.chunks_new, changed, "round {round}: {st:?}");
+            assert!(
+                st.bytes_read <= changed * CHUNK,
+                "round {round}: read {} bytes for {changed} changed chunks: {st:?}",
+                st.bytes_read
+            );
+        }
+        snaps.push((s.snapshot_id, model.clone()));
+    }
+    detach(&mut a, &id, &staging, &target).await;
+    for (snap, want) in &snaps {
+        let m = strata::snapshot::manifest::read_manifest(&store, snap)
+            .await
+            .unwrap()
+            .unwrap();
+        let out = bed.dir.join("check.img");
+        std::fs::File::create(&out)
+            .unwrap()
+            .set_len(m.size_bytes)
+            .unwrap();
+        strata::snapshot::restore::restore(
+            &store,
+            &m,
+            &out,
+            "t",
+            false,
+            &Default::default(),
+            4,
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        assert!(&std::fs::read(&out).unwrap() == want, "restore of {snap} differs");
+    }
+}

@@ -29,6 +29,8 @@ fn spec(id: &str, size: u64) -> UploadSpec {
         fs_type: String::new(),
         block: true,
         tags: BTreeMap::new(),
+        reflinked: false,
+        base: None,
     }
 }
 

@@ -7,24 +7,21 @@ use std::path::Path;
 
 use crate::volume::sys::{self, SysError};
 
-/// Clones `src` to `dst`: a reflink where the filesystem can, a sparse copy where it cannot.
-pub async fn clone_file(src: &Path, dst: &Path) -> Result<(), SysError> {
-    sys::run(
-        "cp",
-        &[
-            "--reflink=auto",
-            "--sparse=always",
-            &src.to_string_lossy(),
-            &dst.to_string_lossy(),
-        ],
-    )
-    .await
-    .map(drop)
+/// Clones `src` to `dst`: a reflink where the filesystem can (returns true), else a sparse copy.
+pub async fn clone_file(src: &Path, dst: &Path) -> Result<bool, SysError> {
+    let (s, d) = (src.to_string_lossy(), dst.to_string_lossy());
+    if sys::run("cp", &["--reflink=always", &s, &d]).await.is_ok() {
+        return Ok(true);
+    }
+    sys::run("cp", &["--reflink=never", "--sparse=always", &s, &d])
+        .await
+        .map(|_| false)
 }
 
 /// Captures `data` into `clone`. With `mount`, the filesystem mounted there is frozen for the
-/// duration of the clone (and always thawed, also when the clone fails).
-pub async fn capture(data: &Path, clone: &Path, mount: Option<&Path>) -> Result<(), SysError> {
+/// duration of the clone (and always thawed, also when the clone fails). Returns whether the
+/// clone is a reflink (shares the source's blocks).
+pub async fn capture(data: &Path, clone: &Path, mount: Option<&Path>) -> Result<bool, SysError> {
     if let Some(m) = mount {
         sys::run("fsfreeze", &["--freeze", &m.to_string_lossy()]).await?;
     }
@@ -34,9 +31,9 @@ pub async fn capture(data: &Path, clone: &Path, mount: Option<&Path>) -> Result<
         if let Err(e) = &thawed {
             tracing::error!(mount = %m.display(), error = %e, "thaw failed");
         }
-        cloned?;
+        let r = cloned?;
         thawed?;
-        return Ok(());
+        return Ok(r);
     }
     cloned
 }

@@ -266,7 +266,13 @@ impl NodeSnapshots {
             .clone()
             .filter(|_| v.record.access == Access::Mount);
         let capture_unix_ms = now_ms();
-        super::capture::capture(&self.manager.data_path(volume_id)?, &clone, mount.as_deref()).await?;
+        let reflinked =
+            super::capture::capture(&self.manager.data_path(volume_id)?, &clone, mount.as_deref()).await?;
+        // The kept image of the parent, if this capture can be compared with it by extents.
+        let base = match self.manager.base(volume_id)? {
+            Some((path, snap)) if reflinked && snap == lineage.last_snapshot_id => Some(path),
+            _ => None,
+        };
         let spec = UploadSpec {
             snapshot_id: snapshot_id.into(),
             name: name.into(),
@@ -279,6 +285,8 @@ impl NodeSnapshots {
             fs_type: v.record.fs_type.clone(),
             block: v.record.access == Access::Block,
             tags,
+            reflinked,
+            base,
         };
         // Only now is the snapshot promised: the record makes a restart resume it.
         record::write(&dir.join("pending.rec"), PENDING_RECORD, &spec).map_err(crate::volume::Error::from)?;
@@ -334,6 +342,15 @@ impl NodeSnapshots {
                 };
                 if let Err(e) = self.manager.record_snapshot(&m.volume_id, &lineage) {
                     tracing::warn!(snapshot.id = %id, error = %e, "could not record the snapshot as the volume's parent");
+                }
+                if job.spec.reflinked {
+                    let clone = dir.join("clone.img");
+                    if let Err(e) =
+                        self.manager
+                            .set_base(&m.volume_id, &clone, &m.snapshot_id, m.capture_unix_ms)
+                    {
+                        tracing::warn!(snapshot.id = %id, error = %e, "could not keep the base image");
+                    }
                 }
                 let _ = std::fs::remove_dir_all(&dir);
                 self.jobs.lock().expect("jobs").remove(&id);

@@ -46,6 +46,13 @@ pub struct UploadSpec {
     pub block: bool,
     /// Manifest tags.
     pub tags: BTreeMap<String, String>,
+    /// The capture is a reflink clone (keep it as the next snapshot's base).
+    #[serde(default)]
+    pub reflinked: bool,
+    /// A reflink image of the parent snapshot: chunks whose extents are unchanged against it are
+    /// taken from the parent without being read.
+    #[serde(default)]
+    pub base: Option<PathBuf>,
 }
 
 /// Live progress, shared with status queries and metrics.
@@ -177,6 +184,30 @@ pub async fn upload(
         tracing::warn!(snapshot.id = %spec.snapshot_id, parent = %spec.parent_id, "parent deleted; uploading in full");
         parent_chunks.clear();
     }
+    // With a reflink base of the parent, unchanged chunks are found from extent maps alone.
+    let unchanged: Arc<HashSet<u64>> = Arc::new(match (&spec.base, &parent, parent_chunks.is_empty()) {
+        (Some(base), Some(p), false) => {
+            let (base, clone) = (base.clone(), clone.to_owned());
+            let (size, cs) = (spec.size_bytes, u64::from(spec.chunk_size));
+            let p_chunks = p.chunks.len();
+            tokio::task::spawn_blocking(move || unchanged_chunks(&base, &clone, size, cs))
+                .await
+                .expect("extent task panicked")
+                .inspect(|u| {
+                    tracing::debug!(unchanged = u.len(), parent_chunks = p_chunks, "extent comparison")
+                })
+                .unwrap_or_default()
+        }
+        _ => HashSet::new(),
+    });
+    let parent_index: Arc<HashMap<u64, (Hash, u32)>> = Arc::new(
+        parent
+            .iter()
+            .flat_map(|p| p.chunks.iter())
+            .filter(|c| parent_chunks.contains_key(c.hash.as_slice()))
+            .filter_map(|c| Some((c.index, (c.hash.as_slice().try_into().ok()?, c.stored_size))))
+            .collect(),
+    );
     let parent_chunks = Arc::new(parent_chunks);
 
     let done = Arc::new(load_progress(progress_log));
@@ -210,6 +241,7 @@ pub async fn upload(
         .map(|index| {
             let (file, ranges, parent_chunks, done) =
                 (file.clone(), ranges.clone(), parent_chunks.clone(), done.clone());
+            let (unchanged, parent_index) = (unchanged.clone(), parent_index.clone());
             async move {
                 if cancel.is_cancelled() {
                     return Err(UploadError::Cancelled);
@@ -226,6 +258,18 @@ pub async fn upload(
                 }
                 let off = index * cs;
                 let len = cs.min(size - off);
+                if unchanged.contains(&index) {
+                    return Ok(match parent_index.get(&index) {
+                        Some(&(hash, stored)) => Outcome::Known {
+                            index,
+                            hash,
+                            stored,
+                            reused: true,
+                            raw_len: len,
+                        },
+                        None => Outcome::Zero,
+                    });
+                }
                 if !overlaps(&ranges, off, len) {
                     return Ok(Outcome::Zero);
                 }
@@ -354,6 +398,21 @@ pub async fn upload(
     manifest::write_manifest(store, &m).await?;
     store.delete(&lease_key(&spec.snapshot_id)).await?;
     Ok(m)
+}
+
+/// Chunk indexes whose extents are the same in `base` and `clone` (unchanged since the base).
+/// Errors and filesystems without FIEMAP give an empty set: everything is read.
+fn unchanged_chunks(base: &Path, clone: &Path, size: u64, cs: u64) -> std::io::Result<HashSet<u64>> {
+    use crate::volume::fiemap;
+    let (Some(a), Some(b)) = (
+        fiemap::extents(&std::fs::File::open(base)?)?,
+        fiemap::extents(&std::fs::File::open(clone)?)?,
+    ) else {
+        return Ok(HashSet::new());
+    };
+    Ok((0..size.div_ceil(cs))
+        .filter(|i| fiemap::same_range(&a, &b, i * cs, cs.min(size - i * cs)))
+        .collect())
 }
 
 /// Milliseconds since the epoch.

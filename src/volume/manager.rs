@@ -155,6 +155,14 @@ pub struct RestoreRecord {
     pub snapshot_id: String,
 }
 
+/// Which snapshot the kept base image belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct BaseRecord {
+    snapshot_id: String,
+    capture_unix_ms: i64,
+}
+
+const BASE_RECORD: &str = "base";
 const LINEAGE_RECORD: &str = "lineage";
 const RESTORE_RECORD: &str = "restore";
 
@@ -997,6 +1005,49 @@ impl VolumeManager {
             }
         }
         Ok(record::write(&dir.join("lineage.rec"), LINEAGE_RECORD, rec)?)
+    }
+
+    /// The reflink image of the volume's newest committed snapshot, if kept: (path, snapshot id).
+    pub fn base(&self, id: &str) -> Result<Option<(PathBuf, String)>, Error> {
+        let dir = self.dir(id)?;
+        let rec: Option<BaseRecord> = record::read(&dir.join("base.rec"), BASE_RECORD)?;
+        Ok(rec
+            .map(|r| (dir.join("base.img"), r.snapshot_id))
+            .filter(|(p, _)| p.exists()))
+    }
+
+    /// Keeps `image` (a reflink clone captured for `snapshot_id`) as the base the next snapshot is
+    /// compared with, unless a newer capture is already the base. Removes `image` otherwise.
+    pub fn set_base(
+        &self,
+        id: &str,
+        image: &Path,
+        snapshot_id: &str,
+        capture_unix_ms: i64,
+    ) -> Result<(), Error> {
+        let dir = self.dir(id)?;
+        let current: Option<BaseRecord> = if dir.exists() {
+            record::read(&dir.join("base.rec"), BASE_RECORD)?
+        } else {
+            None
+        };
+        if !dir.exists()
+            || current
+                .as_ref()
+                .is_some_and(|c| c.capture_unix_ms > capture_unix_ms)
+        {
+            let _ = std::fs::remove_file(image);
+            return Ok(());
+        }
+        // Record first pointing at nothing valid, then the image: a crash in between leaves a
+        // record whose snapshot id no longer matches the image, which is never used.
+        let _ = std::fs::remove_file(dir.join("base.rec"));
+        std::fs::rename(image, dir.join("base.img")).map_err(io("keep base image"))?;
+        let rec = BaseRecord {
+            snapshot_id: snapshot_id.to_owned(),
+            capture_unix_ms,
+        };
+        Ok(record::write(&dir.join("base.rec"), BASE_RECORD, &rec)?)
     }
 
     /// Marks a restore complete: the volume inherits the snapshot's lineage.

@@ -18,6 +18,7 @@
 
 mod manager;
 pub use manager::SUPPORTED_FS;
+pub mod fiemap;
 pub mod record;
 pub mod sys;
 

@@ -70,6 +70,8 @@ pub struct BedSpec {
     pub env: Vec<(String, String)>,
     /// Snapshot store.
     pub store: StoreKind,
+    /// Put each node's storage directory on its own XFS filesystem (reflink clones, FIEMAP).
+    pub xfs_storage: bool,
 }
 
 fn free_port() -> u16 {
@@ -158,6 +160,11 @@ impl TestBed {
                 agent_host: host,
             };
             bed.nodes.push(n);
+        }
+        if spec.xfs_storage {
+            for n in &bed.nodes {
+                make_xfs(&bed.dir.join(format!("xfs-{}.img", n.name)), &n.storage);
+            }
         }
         let node_args: Vec<&str> = spec.node_args.iter().map(String::as_str).collect();
         for i in 0..bed.nodes.len() {
@@ -292,6 +299,31 @@ impl TestBed {
         }
         s
     }
+}
+
+/// An XFS filesystem (reflink on) in a sparse file, mounted at `mount`.
+pub fn make_xfs(image: &Path, mount: &Path) {
+    let f = std::fs::File::create(image).unwrap();
+    f.set_len(4 << 30).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ok = Command::new("mkfs.xfs")
+        .args(["-q", "-f", "-m", "reflink=1", &dev])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mkfs.xfs failed");
+    std::fs::create_dir_all(mount).unwrap();
+    let ok = Command::new("mount").arg(&dev).arg(mount).status().unwrap();
+    assert!(ok.success(), "mount xfs failed");
 }
 
 /// Unmounts everything below `dir` (deepest first) and detaches loop devices backed by files in it.
