@@ -39,4 +39,6 @@ pub enum Command {
     Verify(crate::admin::VerifyArgs),
     /// Delete chunks no snapshot needs any more (the controller also does this by itself).
     Gc(crate::admin::GcArgs),
+    /// Measure snapshot, incremental and restore throughput beside raw store, disk and restic baselines.
+    Bench(crate::bench::BenchArgs),
 }

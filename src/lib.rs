@@ -30,6 +30,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Restore(args) => strata::admin::restore(args).await?,
         Command::Verify(args) => strata::admin::verify(args).await?,
         Command::Gc(args) => strata::admin::gc(args).await?,
+        Command::Bench(args) => strata::bench::run(args).await?,
     }
     Ok(())
 }
