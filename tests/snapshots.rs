@@ -700,3 +700,100 @@ async fn on_xfs_unchanged_chunks_are_not_even_read() {
         assert!(&std::fs::read(&out).unwrap() == want, "restore of {snap} differs");
     }
 }
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("STRATA_STORE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn admin_cli_lists_shows_restores_verifies_and_collects() {
+    let bed = TestBed::start(&[("node-a", "zone-a")]).await;
+    let mut ctl = bed.controller().await;
+    let id = ctl
+        .create_volume(create_req("cli", 16 * MIB, block_cap()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut a = bed.node(0).await;
+    let (staging, target) = bed.kubelet_paths("cli");
+    attach(&mut a, &id, &staging, &target, block_cap()).await;
+    let data = pattern(6 << 20, 3);
+    overwrite(&target, 0, &data);
+    let s1 = snapshot(&mut ctl, "cli-1", &id).await;
+    overwrite(&target, 2 << 20, &pattern(1 << 20, 4));
+    let s2 = snapshot(&mut ctl, "cli-2", &id).await;
+    let store = format!("--store={}", bed.store_url);
+
+    let (ok, ls) = cli(&["snapshot", "ls", &store]);
+    assert!(ok, "{ls}");
+    assert!(
+        ls.contains(&s1.snapshot_id) && ls.contains(&s2.snapshot_id) && ls.contains("2 snapshot(s)"),
+        "{ls}"
+    );
+    let (ok, show) = cli(&["snapshot", "show", &s2.snapshot_id, &store]);
+    assert!(ok, "{show}");
+    assert!(
+        show.contains(&format!("{} <- {}", s2.snapshot_id, s1.snapshot_id)),
+        "chain missing:\n{show}"
+    );
+    assert!(show.contains("reused"), "{show}");
+
+    let out = bed.dir.join("cli-restore.img");
+    let (ok, text) = cli(&["restore", &s1.snapshot_id, "--to", &out.to_string_lossy(), &store]);
+    assert!(ok, "{text}");
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), 16 << 20);
+    assert!(
+        got[..6 << 20] == data[..] && got[6 << 20..].iter().all(|&b| b == 0),
+        "CLI restore differs"
+    );
+
+    let (ok, text) = cli(&["verify", &store]);
+    assert!(ok && text.contains("ok "), "{text}");
+    // Damage one chunk of the store: verify names the damaged snapshot(s) and fails.
+    let chunks = bed.store().await.list("chunks/").await.unwrap();
+    let victim = bed.dir.join("store").join(&chunks[0].key);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let (ok, text) = cli(&["verify", &store]);
+    assert!(
+        !ok && text.contains("DAMAGED"),
+        "corruption not reported:\n{text}"
+    );
+    let (ok, text) = cli(&["verify", "snap-missing", &store]);
+    assert!(!ok && text.contains("does not exist"), "{text}");
+
+    // After deleting both manifests, gc removes every chunk.
+    ctl.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: s1.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ctl.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: s2.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (ok, text) = cli(&["gc", "--grace-seconds=0", &store]);
+    assert!(ok, "{text}");
+    assert_eq!(chunk_count(&bed).await, 0, "{text}");
+    let (ok, text) = cli(&["snapshot", "ls", "--store=relative/dir"]);
+    assert!(!ok && text.contains("absolute"), "{text}");
+}
