@@ -12,6 +12,9 @@
 //! * `strata node` serves CSI Identity + Node for the kubelet on a unix socket, and the agent API
 //!   ([`agent`]) on TCP for the controller. Both drive the [`volume::VolumeManager`], which owns the
 //!   storage directory: sparse backing files, loop devices, filesystems, bind mounts.
+//! * Snapshots ([`snapshot`]) are captured and uploaded by the node that holds the volume, into a
+//!   store ([`store`]) the controller reads for listing, deleting and garbage collection. The
+//!   manifest is the commit point; [`snapshot::gc`] documents how chunks in use are protected.
 //!
 //! # Locking
 //!
@@ -19,6 +22,10 @@
 //! |---|---|
 //! | any CSI/agent call on volume V | any other call on V ([`csi::op_guard`], answers ABORTED) |
 //! | create, expand (space accounting) | each other, node-wide (`VolumeManager::space_lock`) |
+//! | CreateSnapshot of volume V (agent) | any other call on V, for the capture only; uploads run beside anything |
+//! | CreateVolume cloning V (agent) | any other call on V |
+//! | CreateSnapshot / DeleteSnapshot of S (controller) | each other on S |
+//! | garbage collection | nothing: manifests are read before leases (see `snapshot::gc`) |
 //!
 //! # Persistence
 //!
