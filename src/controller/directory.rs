@@ -167,6 +167,23 @@ impl Directory {
         Ok(join_all(calls).await)
     }
 
+    /// Calls `f` on every agent and keeps the answers of those that gave one; the others are
+    /// logged, since `what` is then incomplete.
+    pub async fn gather<T, F, Fut>(&self, what: &str, f: F) -> Result<Vec<(String, T)>, Error>
+    where
+        F: Fn(String, Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut out = Vec::new();
+        for (node, r) in self.fan_out(f).await? {
+            match r {
+                Ok(v) => out.push((node, v)),
+                Err(e) => tracing::warn!(error = %e, "{what}: an agent did not answer; its part is missing"),
+            }
+        }
+        Ok(out)
+    }
+
     /// NodeInfo of every agent (errors for those that did not answer).
     pub async fn node_infos(&self) -> Result<Vec<NodeResult<NodeInfo>>, Error> {
         let r = self

@@ -455,52 +455,27 @@ impl ControllerService {
     }
 
     async fn list(&self, r: pb::ListVolumesRequest) -> Result<pb::ListVolumesResponse, Status> {
-        if r.max_entries < 0 {
-            return Err(invalid("max_entries must not be negative"));
-        }
-        if !r.starting_token.is_empty()
-            && (!r.starting_token.starts_with("vol-") || ids::check_id("token", &r.starting_token).is_err())
-        {
-            return Err(Status::aborted(format!(
-                "starting_token {:?} is not one this driver issued",
-                r.starting_token
-            )));
-        }
+        super::paging::check(r.max_entries, &r.starting_token, "vol-")?;
         let answers = self
             .directory
-            .fan_out(|_, mut c| async move {
+            .gather("ListVolumes", |_, mut c| async move {
                 c.list_volumes(apb::ListVolumesRequest {})
                     .await
                     .map(|r| r.into_inner().volumes)
             })
             .await?;
-        let mut all = Vec::new();
-        for (node, a) in answers {
-            match a {
-                Ok(vs) => all.extend(vs.into_iter().map(|v| (node.clone(), v))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "volumes of an unreachable agent are missing from ListVolumes")
-                }
-            }
-        }
-        all.sort_by(|a, b| a.1.volume_id.cmp(&b.1.volume_id));
-        let rest: Vec<_> = all
+        let all: Vec<(String, apb::Volume)> = answers
             .into_iter()
-            .filter(|(_, v)| v.volume_id > r.starting_token)
+            .flat_map(|(node, vs)| vs.into_iter().map(move |v| (node.clone(), v)))
             .collect();
-        let take = if r.max_entries == 0 {
-            rest.len()
-        } else {
-            (r.max_entries as usize).min(rest.len())
-        };
-        let next_token = if take < rest.len() {
-            rest[take - 1].1.volume_id.clone()
-        } else {
-            String::new()
-        };
+        let (rest, next_token) = super::paging::page(
+            all,
+            |(_, v)| v.volume_id.as_str(),
+            &r.starting_token,
+            r.max_entries,
+        );
         let entries = rest
             .into_iter()
-            .take(take)
             .map(|(node, v)| pb::list_volumes_response::Entry {
                 volume: Some(csi_volume(&v, self.segments_of(&node))),
                 status: Some(pb::list_volumes_response::VolumeStatus {

@@ -77,22 +77,13 @@ impl ControllerService {
     async fn pending(&self) -> Result<Vec<apb::SnapshotStatus>, Status> {
         let answers = self
             .directory
-            .fan_out(|_, mut c| async move {
+            .gather("pending snapshots", |_, mut c| async move {
                 c.list_pending_snapshots(apb::ListPendingSnapshotsRequest {})
                     .await
                     .map(|r| r.into_inner().snapshots)
             })
             .await?;
-        let mut out = Vec::new();
-        for (_, a) in answers {
-            match a {
-                Ok(s) => out.extend(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "pending snapshots of an unreachable agent are not listed")
-                }
-            }
-        }
-        Ok(out)
+        Ok(answers.into_iter().flat_map(|(_, s)| s).collect())
     }
 
     pub(super) async fn create_snapshot_impl(
@@ -213,17 +204,7 @@ impl ControllerService {
         &self,
         r: pb::ListSnapshotsRequest,
     ) -> Result<pb::ListSnapshotsResponse, Status> {
-        if r.max_entries < 0 {
-            return Err(invalid("max_entries must not be negative"));
-        }
-        if !r.starting_token.is_empty()
-            && (!r.starting_token.starts_with("snap-") || ids::check_id("token", &r.starting_token).is_err())
-        {
-            return Err(Status::aborted(format!(
-                "starting_token {:?} is not one this driver issued",
-                r.starting_token
-            )));
-        }
+        super::paging::check(r.max_entries, &r.starting_token, "snap-")?;
         let store = self.store()?.clone();
         let mut all: Vec<pb::Snapshot> = if !r.snapshot_id.is_empty() {
             self.one(&r.snapshot_id).await?.into_iter().collect()
@@ -251,24 +232,10 @@ impl ControllerService {
         if !r.source_volume_id.is_empty() {
             all.retain(|s| s.source_volume_id == r.source_volume_id);
         }
-        all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
-        let rest: Vec<_> = all
+        let (page, next_token) =
+            super::paging::page(all, |s| s.snapshot_id.as_str(), &r.starting_token, r.max_entries);
+        let entries = page
             .into_iter()
-            .filter(|s| s.snapshot_id > r.starting_token)
-            .collect();
-        let take = if r.max_entries == 0 {
-            rest.len()
-        } else {
-            (r.max_entries as usize).min(rest.len())
-        };
-        let next_token = if take < rest.len() {
-            rest[take - 1].snapshot_id.clone()
-        } else {
-            String::new()
-        };
-        let entries = rest
-            .into_iter()
-            .take(take)
             .map(|s| pb::list_snapshots_response::Entry { snapshot: Some(s) })
             .collect();
         Ok(pb::ListSnapshotsResponse { entries, next_token })

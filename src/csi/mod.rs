@@ -6,6 +6,7 @@ pub mod controller_snapshots;
 pub mod identity;
 pub mod node;
 pub mod op_guard;
+pub mod paging;
 pub mod status;
 pub mod validate;
 
