@@ -540,8 +540,18 @@ async fn clone_copies_a_live_volume_on_its_node() {
 }
 
 #[tokio::test]
-async fn upload_killed_mid_way_resumes_after_restart() {
+async fn upload_killed_mid_way_resumes_after_restart_local() {
+    upload_killed_mid_way_resumes_after_restart(StoreKind::Local).await;
+}
+
+#[tokio::test]
+async fn upload_killed_mid_way_resumes_after_restart_s3() {
+    upload_killed_mid_way_resumes_after_restart(StoreKind::S3).await;
+}
+
+async fn upload_killed_mid_way_resumes_after_restart(store: StoreKind) {
     let mut bed = TestBed::start_spec(BedSpec {
+        store,
         nodes: vec![("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None)],
         // One transfer at a time so the upload is still running when the agent is killed.
         node_args: vec!["--transfer-concurrency=1".into()],
@@ -550,7 +560,7 @@ async fn upload_killed_mid_way_resumes_after_restart() {
     .await;
     let mut ctl = bed.controller().await;
     let id = ctl
-        .create_volume(create_req("big", 256 * MIB, block_cap()))
+        .create_volume(create_req("big", 128 * MIB, block_cap()))
         .await
         .unwrap()
         .into_inner()
@@ -560,7 +570,7 @@ async fn upload_killed_mid_way_resumes_after_restart() {
     let mut a = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("big");
     attach(&mut a, &id, &staging, &target, block_cap()).await;
-    let data = pattern(200 << 20, 21);
+    let data = pattern(96 << 20, 21);
     overwrite(&target, 0, &data);
     let first = ctl
         .create_snapshot(pb::CreateSnapshotRequest {
@@ -575,10 +585,23 @@ async fn upload_killed_mid_way_resumes_after_restart() {
         .unwrap();
     assert!(
         !first.ready_to_use,
-        "a 200 MiB upload finished inside CreateSnapshot"
+        "a 96 MiB upload finished inside CreateSnapshot"
     );
-    // Let it get some way, then kill the agent.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once a few chunks are uploaded (the progress log says so), kill the agent.
+    let log = bed.nodes[0]
+        .storage
+        .join("snapshots")
+        .join(&first.snapshot_id)
+        .join("progress.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "upload made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     bed.kill_node(0);
     // Written after the capture: must not appear in the snapshot.
     overwrite(&target, 0, &[0xAB; 4096]);
@@ -619,10 +642,10 @@ async fn upload_killed_mid_way_resumes_after_restart() {
         .unwrap();
     let got = std::fs::read(&out).unwrap();
     assert!(
-        got[..200 << 20] == data[..],
+        got[..96 << 20] == data[..],
         "restored data differs after a crash mid-upload"
     );
-    assert!(got[200 << 20..].iter().all(|&b| b == 0));
+    assert!(got[96 << 20..].iter().all(|&b| b == 0));
 }
 
 #[tokio::test]
