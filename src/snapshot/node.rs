@@ -12,7 +12,7 @@
 //! The directory is removed once the manifest is committed.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -270,7 +270,9 @@ impl NodeSnapshots {
             super::capture::capture(&self.manager.data_path(volume_id)?, &clone, mount.as_deref()).await?;
         // The kept image of the parent, if this capture can be compared with it by extents.
         let base = match self.manager.base(volume_id)? {
-            Some((path, snap)) if reflinked && snap == lineage.last_snapshot_id => Some(path),
+            Some((path, snap)) if reflinked && snap == lineage.last_snapshot_id => {
+                self.private_base(volume_id, &path, &snap, &dir).await
+            }
             _ => None,
         };
         let spec = UploadSpec {
@@ -293,6 +295,22 @@ impl NodeSnapshots {
         tracing::info!(snapshot.id = %snapshot_id, volume.id = %volume_id, parent = %spec.parent_id, "snapshot captured");
         let job = self.start_upload(spec);
         Ok(self.status_of(&job))
+    }
+
+    /// A private reflink of the volume's kept base image, taken for one upload: the kept image may
+    /// be replaced by a newer snapshot's while this upload (or its resumption) still compares
+    /// against the parent's. Valid only if the base record still names `parent` afterwards
+    /// (`set_base` removes the record before replacing the image).
+    async fn private_base(&self, volume_id: &str, kept: &Path, parent: &str, dir: &Path) -> Option<PathBuf> {
+        let private = dir.join("base.img");
+        let _ = std::fs::remove_file(&private);
+        let cloned = super::capture::clone_file(kept, &private).await.unwrap_or(false);
+        let still = matches!(self.manager.base(volume_id), Ok(Some((_, s))) if s == parent);
+        if cloned && still {
+            return Some(private);
+        }
+        let _ = std::fs::remove_file(&private);
+        None
     }
 
     fn start_upload(self: &Arc<Self>, spec: UploadSpec) -> Arc<Job> {

@@ -49,8 +49,8 @@ pub struct UploadSpec {
     /// The capture is a reflink clone (keep it as the next snapshot's base).
     #[serde(default)]
     pub reflinked: bool,
-    /// A reflink image of the parent snapshot: chunks whose extents are unchanged against it are
-    /// taken from the parent without being read.
+    /// A reflink image of the parent snapshot, private to this upload: chunks whose extents are
+    /// unchanged against it are taken from the parent without being read.
     #[serde(default)]
     pub base: Option<PathBuf>,
 }
