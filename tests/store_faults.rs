@@ -149,3 +149,75 @@ async fn unreachable_s3_endpoint_fails_with_a_clear_error_not_a_hang() {
         "the dropped connection was not retried"
     );
 }
+
+#[tokio::test]
+async fn resumed_upload_keeps_protecting_chunks_of_a_deleted_parent() {
+    use strata::snapshot::gc;
+    let dir = tempfile::tempdir().unwrap();
+    let local: Store = Arc::new(LocalStore::open(&dir.path().join("store")).unwrap());
+    let cancel = CancellationToken::new();
+    let size = 16 * CHUNK as usize;
+    // Parent: 16 chunks of data.
+    let (img, mut data) = image(dir.path(), size);
+    let parent = upload(
+        &local,
+        &spec("snap-parent", size as u64),
+        &img,
+        &dir.path().join("p.log"),
+        &Progress::default(),
+        4,
+        &cancel,
+    )
+    .await
+    .unwrap();
+    // Child: one chunk changed; its upload fails on that new chunk, after recording the others
+    // (reused from the parent) in its progress log.
+    let patch = strata::demo::pattern(CHUNK as usize, 99);
+    data[5 * CHUNK as usize..6 * CHUNK as usize].copy_from_slice(&patch);
+    std::fs::write(&img, &data).unwrap();
+    let new_chunk = strata::snapshot::chunk::key(&strata::snapshot::chunk::hash(&patch));
+    let mut child = spec("snap-child", size as u64);
+    child.parent_id = parent.snapshot_id.clone();
+    let log = dir.path().join("c.log");
+    let failing = || {
+        let u = Arc::new(Unreliable::new(local.clone(), 0));
+        u.poison(&new_chunk);
+        Arc::new(Retrying::new(u)) as Store
+    };
+    assert!(
+        upload(&failing(), &child, &img, &log, &Progress::default(), 1, &cancel)
+            .await
+            .is_err()
+    );
+    let recorded = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(recorded >= 1, "nothing was recorded before the failure");
+    // The parent is deleted while the child is not committed; a resumed attempt rewrites the
+    // lease (the parent is gone now) and fails again; GC runs.
+    local
+        .delete(&manifest::manifest_key(&parent.snapshot_id))
+        .await
+        .unwrap();
+    assert!(
+        upload(&failing(), &child, &img, &log, &Progress::default(), 1, &cancel)
+            .await
+            .is_err()
+    );
+    gc::collect(&local, Duration::ZERO).await.unwrap();
+    // Resumed once more without faults: it commits, and every chunk it names exists.
+    let m = upload(&local, &child, &img, &log, &Progress::default(), 1, &cancel)
+        .await
+        .unwrap();
+    for c in &m.chunks {
+        let h: [u8; 32] = c.hash.as_slice().try_into().unwrap();
+        assert!(
+            local.exists(&strata::snapshot::chunk::key(&h)).await.unwrap(),
+            "committed manifest names a collected chunk"
+        );
+    }
+    let out = dir.path().join("out");
+    std::fs::File::create(&out).unwrap().set_len(size as u64).unwrap();
+    restore::restore(&local, &m, &out, "r", false, &Progress::default(), 4, &cancel)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+}

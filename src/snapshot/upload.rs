@@ -170,12 +170,17 @@ pub async fn upload(
         .collect();
     // The lease goes first; only then may the parent's chunks be relied upon, and only if the
     // parent still exists after the lease is in place (GC reads manifests before leases).
+    // A resumed upload keeps relying on the chunks its progress log records (some reused from a
+    // parent that may be gone by now): the new lease must go on protecting them.
+    let done = Arc::new(load_progress(progress_log));
+    let mut leased: HashSet<Hash> = parent_chunks.keys().copied().collect();
+    leased.extend(done.values().map(|(h, _)| *h));
     manifest::write_lease(
         store,
         &Lease {
             id: spec.snapshot_id.clone(),
             snapshot_id: spec.snapshot_id.clone(),
-            hashes: parent_chunks.keys().map(|h| h.to_vec()).collect(),
+            hashes: leased.iter().map(|h| h.to_vec()).collect(),
             created_unix_ms: now_ms(),
         },
     )
@@ -210,7 +215,6 @@ pub async fn upload(
     );
     let parent_chunks = Arc::new(parent_chunks);
 
-    let done = Arc::new(load_progress(progress_log));
     let file = Arc::new(std::fs::File::open(clone).map_err(|source| UploadError::Io {
         context: format!("open captured image {}", clone.display()),
         source,
