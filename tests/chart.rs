@@ -393,3 +393,65 @@ fn schema_rejects_bad_values_with_a_clear_message() {
         assert!(err.contains(says), "{set}: unclear error: {err}");
     }
 }
+
+#[test]
+fn plain_manifests_are_the_rendered_chart() {
+    let committed = std::fs::read_to_string(root().join("deploy/strata.yaml")).unwrap();
+    let out = Command::new(helm())
+        .args(["template", "strata"])
+        .arg(root().join("charts/strata"))
+        .args(["--namespace", "strata-system", "-f"])
+        .arg(root().join("deploy/values-plain.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        committed.ends_with(&rendered),
+        "deploy/strata.yaml is stale: run scripts/render-manifests.sh"
+    );
+    let docs = parse_docs(&committed);
+    assert_eq!(docs[0]["kind"], "Namespace");
+    let r = check(&docs[1..]);
+    // The plain manifests generate no secret: the agent token and store credentials are the user's.
+    assert!(
+        r.secrets.is_empty(),
+        "plain manifests must not carry a generated token"
+    );
+}
+
+#[test]
+fn examples_parse_and_use_the_driver() {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+    let dir = root().join("deploy/examples");
+    let mut kinds = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for f in files {
+        for d in parse_docs(&std::fs::read_to_string(&f).unwrap()) {
+            let kind = d["kind"].as_str().unwrap().to_string();
+            match kind.as_str() {
+                "StorageClass" => assert_eq!(typed::<StorageClass>(&d).provisioner, DRIVER_NAME),
+                "PersistentVolumeClaim" => drop(typed::<PersistentVolumeClaim>(&d)),
+                "Pod" => drop(typed::<Pod>(&d)),
+                "VolumeSnapshotClass" => assert_eq!(d["driver"], DRIVER_NAME),
+                "VolumeSnapshot" => assert!(d["spec"]["source"]["persistentVolumeClaimName"].is_string()),
+                other => panic!("{}: unexpected kind {other}", f.display()),
+            }
+            kinds.push(kind);
+        }
+    }
+    for want in [
+        "StorageClass",
+        "PersistentVolumeClaim",
+        "Pod",
+        "VolumeSnapshotClass",
+        "VolumeSnapshot",
+    ] {
+        assert!(kinds.iter().any(|k| k == want), "no {want} example");
+    }
+}
