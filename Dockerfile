@@ -1,0 +1,20 @@
+# One image for the controller and the node plugin.
+#   docker build -t ghcr.io/strata-csi/strata:0.1.0 .
+# Build stage: the Rust toolchain (protoc comes from a crate; no system packages are needed).
+FROM docker.io/library/rust:1.89-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked && cp target/release/strata /strata
+
+# Runtime: the tools the node plugin drives (loop devices, mkfs, mount, fsfreeze, resize, reflink cp).
+FROM docker.io/library/debian:12.12-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      ca-certificates e2fsprogs xfsprogs util-linux mount coreutils \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /strata /usr/local/bin/strata
+# Non-root by default (the controller); the node DaemonSet runs this image as root, privileged.
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/strata"]
