@@ -19,15 +19,20 @@ fn root() -> PathBuf {
 }
 
 fn helm() -> String {
-    let out = Command::new(root().join("scripts/helm.sh"))
-        .output()
-        .expect("run scripts/helm.sh");
-    assert!(
-        out.status.success(),
-        "no helm: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    // Resolved (and fetched, on a fresh machine) once per test process.
+    static HELM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HELM.get_or_init(|| {
+        let out = Command::new(root().join("scripts/helm.sh"))
+            .output()
+            .expect("run scripts/helm.sh");
+        assert!(
+            out.status.success(),
+            "no helm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+    .clone()
 }
 
 fn render(sets: &[&str]) -> Vec<Value> {
