@@ -39,6 +39,9 @@ pub enum Command {
     Verify(crate::admin::VerifyArgs),
     /// Delete chunks no snapshot needs any more (the controller also does this by itself).
     Gc(crate::admin::GcArgs),
+    /// Fast snapshot restore per zone: enable, disable, status.
+    #[command(subcommand)]
+    Fsr(crate::admin::FsrCommand),
     /// Measure snapshot, incremental and restore throughput beside raw store, disk and restic baselines.
     Bench(crate::bench::BenchArgs),
 }

@@ -65,6 +65,9 @@ pub struct ControllerArgs {
     /// Seconds between periodic GC runs (default 600); GC also runs shortly after every delete.
     #[arg(long, env = "STRATA_GC_INTERVAL_SECONDS")]
     pub gc_interval_seconds: Option<u64>,
+    /// Milliseconds between fast-restore state updates (default 5000).
+    #[arg(long, env = "STRATA_FSR_INTERVAL_MS")]
+    pub fsr_interval_ms: Option<u64>,
 }
 
 /// `strata node` settings.
@@ -108,6 +111,9 @@ pub struct NodeArgs {
     /// Parallel chunk transfers per upload or restore (default 8).
     #[arg(long, env = "STRATA_TRANSFER_CONCURRENCY")]
     pub transfer_concurrency: Option<usize>,
+    /// Milliseconds between fast-restore rounds: hydrate, drop, publish (default 5000).
+    #[arg(long, env = "STRATA_FSR_INTERVAL_MS")]
+    pub fsr_interval_ms: Option<u64>,
 }
 
 fn load<T: for<'de> Deserialize<'de> + Default>(path: &Option<PathBuf>) -> Result<T, ConfigError> {
@@ -201,7 +207,8 @@ impl ControllerArgs {
             metrics_addr,
             store,
             gc_grace_seconds,
-            gc_interval_seconds
+            gc_interval_seconds,
+            fsr_interval_ms
         ))
     }
 }
@@ -223,7 +230,8 @@ impl NodeArgs {
             metrics_addr,
             store,
             chunk_size,
-            transfer_concurrency
+            transfer_concurrency,
+            fsr_interval_ms
         ))
     }
 }

@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Verify(args) => strata::admin::verify(args).await?,
         Command::Gc(args) => strata::admin::gc(args).await?,
         Command::Bench(args) => strata::bench::run(args).await?,
+        Command::Fsr(cmd) => strata::admin::fsr(cmd).await?,
     }
     Ok(())
 }

@@ -124,6 +124,19 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
             std::time::Duration::from_secs(args.gc_interval_seconds.unwrap_or(600)),
             cancel.clone(),
         ));
+        let (store, cancel) = (store.clone(), cancel.clone());
+        let interval = std::time::Duration::from_millis(args.fsr_interval_ms.unwrap_or(5000));
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = crate::snapshot::fsr::advance(&store).await {
+                    tracing::warn!(error = %e, "fast restore states not advanced");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        });
     }
     let controller = ControllerService {
         directory: Arc::new(Directory::new(discovery, token)),
@@ -205,6 +218,11 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         metrics.clone(),
     );
     snapshots.resume();
+    tokio::spawn(snapshots.clone().fast_restore_loop(
+        zone.clone(),
+        std::time::Duration::from_millis(args.fsr_interval_ms.unwrap_or(5000)),
+        cancel.clone(),
+    ));
     let agent = AgentService {
         manager: manager.clone(),
         guard: guard.clone(),

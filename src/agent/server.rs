@@ -142,8 +142,15 @@ impl Agent for AgentService {
             access,
             fs_type: r.fs_type,
             parameters: r.parameters.into_iter().collect(),
+            image: match &source {
+                VolumeSource::Snapshot(snap) => self.snapshots.fast_image(snap).await,
+                _ => None,
+            },
             source,
         };
+        if spec.image.is_some() {
+            tracing::info!(volume.id = %spec.id, "restoring by cloning the fast-restore image");
+        }
         let v = self.manager.create(&spec).await?;
         if let Some(snap) = &v.restoring {
             let handle = self.snapshots.start_restore(&r.volume_id, snap);

@@ -21,6 +21,8 @@ pub struct Candidate {
     pub volume_count: u32,
     /// Its limit.
     pub max_volumes: u32,
+    /// It holds a fast-restore image of the snapshot being restored.
+    pub has_image: bool,
 }
 
 /// True when `segments` satisfies every key of `topology`.
@@ -75,6 +77,7 @@ pub fn rank(
     fitting.sort_by(|a, b| {
         pref_rank(a)
             .cmp(&pref_rank(b))
+            .then(b.has_image.cmp(&a.has_image))
             .then(b.available_bytes.cmp(&a.available_bytes))
             .then(a.node.cmp(&b.node))
     });
@@ -97,6 +100,7 @@ mod tests {
             available_bytes: free,
             volume_count: 0,
             max_volumes: 10,
+            has_image: false,
         }
     }
 
@@ -121,6 +125,13 @@ mod tests {
         // Without preference: most free first.
         let r = rank(None, &c, 10).unwrap();
         assert_eq!(r[0].node, "b");
+    }
+
+    #[test]
+    fn among_equals_a_node_with_the_image_wins() {
+        let mut c = vec![cand("a", "z1", 500), cand("b", "z1", 100)];
+        c[1].has_image = true;
+        assert_eq!(rank(None, &c, 10).unwrap()[0].node, "b");
     }
 
     #[test]

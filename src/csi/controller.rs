@@ -318,6 +318,7 @@ impl ControllerService {
                     available_bytes: i.available_bytes.max(0) as u64,
                     volume_count: i.volume_count,
                     max_volumes: i.max_volumes,
+                    has_image: false,
                 }),
                 Err(e) => {
                     tracing::warn!(error = %e, "agent skipped for placement");
@@ -325,6 +326,22 @@ impl ControllerService {
                 }
             })
             .collect();
+        // Nodes holding a fast-restore image of the snapshot restore it at once: prefer them.
+        let mut candidates = candidates;
+        if let (Source::Snapshot(m), Some(store)) = (&source, &self.store) {
+            match crate::snapshot::fsr::nodes(store).await {
+                Ok(nodes) => {
+                    for c in &mut candidates {
+                        c.has_image = nodes.iter().any(|n| {
+                            n.node == c.node
+                                && n.live()
+                                && n.images.get(&m.snapshot_id).is_some_and(|i| i.ready)
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "fast-restore images unknown; placing without them"),
+            }
+        }
         // A clone is made on its source's node (reflink or copy of the backing file).
         let candidates: Vec<Candidate> = match &source {
             Source::Volume(_, node) => {

@@ -19,6 +19,9 @@ use crate::proto::store::Manifest;
 use crate::snapshot::manifest::{self, ManifestError};
 use crate::store::Store;
 
+/// VolumeSnapshotClass parameter: zones where snapshots of the class are pre-hydrated.
+pub const PARAM_FSR_ZONES: &str = "fastRestoreZones";
+
 fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
@@ -98,7 +101,29 @@ impl ControllerService {
             return Err(invalid("source_volume_id is required"));
         }
         let source = validate::volume_id(&r.source_volume_id)?;
-        self.store()?;
+        let store = self.store()?.clone();
+        // Class parameter fastRestoreZones: checked before anything is captured.
+        let fsr_zones: Vec<String> = r
+            .parameters
+            .get(PARAM_FSR_ZONES)
+            .map(|z| {
+                z.split(',')
+                    .map(str::trim)
+                    .filter(|z| !z.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !fsr_zones.is_empty() {
+            let nodes = crate::snapshot::fsr::nodes(&store)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            for z in &fsr_zones {
+                if !nodes.iter().any(|n| n.live() && &n.zone == z) {
+                    return Err(invalid(format!("{PARAM_FSR_ZONES}: no node is in zone {z:?}")));
+                }
+            }
+        }
         let id = ids::snapshot_id_for_name(&r.name);
         let _ticket = self.guard.acquire(&id)?;
         if let Some(m) = self.manifest(&id).await? {
@@ -108,6 +133,7 @@ impl ControllerService {
                     r.name, m.volume_id
                 )));
             }
+            self.enable_fast_restore(&store, &id, &fsr_zones).await?;
             return Ok(pb::CreateSnapshotResponse {
                 snapshot: Some(from_manifest(&m)),
             });
@@ -144,9 +170,22 @@ impl ControllerService {
         }
         tracing::info!(snapshot.id = %id, volume.id = %source, node = %node, ready = status.ready,
             done = status.chunks_done, total = status.chunks_total, "snapshot");
+        if status.ready {
+            self.enable_fast_restore(&store, &id, &fsr_zones).await?;
+        }
         Ok(pb::CreateSnapshotResponse {
             snapshot: Some(from_status(&status)),
         })
+    }
+
+    /// Enables fast restore of a ready snapshot in the class's zones (idempotent).
+    async fn enable_fast_restore(&self, store: &Store, id: &str, zones: &[String]) -> Result<(), Status> {
+        for z in zones {
+            crate::snapshot::fsr::enable(store, id, z)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     pub(super) async fn delete_snapshot_impl(
@@ -179,6 +218,17 @@ impl ControllerService {
             .delete(&manifest::manifest_key(&id))
             .await
             .map_err(|e| manifest_status(e.into()))?;
+        // Its fast-restore images go too: agents drop images whose zone record is gone.
+        for r in crate::snapshot::fsr::list(&store, None)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        {
+            if r.snapshot_id == id {
+                crate::snapshot::fsr::remove(&store, &r.zone, &id)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+            }
+        }
         self.manifests.lock().expect("manifest cache").remove(&id);
         self.gc_kick.notify_one();
         tracing::info!(snapshot.id = %id, "snapshot deleted");

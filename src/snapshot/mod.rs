@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod chunk;
+pub mod fsr;
 pub mod gc;
 pub mod manifest;
 pub mod node;

@@ -113,6 +113,14 @@ pub struct NodeSnapshots {
     restores: Mutex<HashMap<String, Arc<RestoreJob>>>,
     /// Where uploads and restores are counted.
     metrics: Arc<crate::telemetry::Metrics>,
+    /// Fast-restore images being hydrated, by snapshot id.
+    fsr_jobs: Mutex<HashMap<String, Arc<FsrJob>>>,
+}
+
+#[derive(Debug)]
+struct FsrJob {
+    progress: Progress,
+    cancel: CancellationToken,
 }
 
 impl NodeSnapshots {
@@ -132,6 +140,7 @@ impl NodeSnapshots {
             jobs: Mutex::default(),
             restores: Mutex::default(),
             metrics,
+            fsr_jobs: Mutex::default(),
         })
     }
 
@@ -523,6 +532,197 @@ impl NodeSnapshots {
                 j.progress.total.load(Ordering::Relaxed),
             )
         })
+    }
+}
+
+impl NodeSnapshots {
+    fn fsr_dir(&self) -> PathBuf {
+        self.manager.root().join("fsr")
+    }
+
+    /// The fast-restore image of a snapshot on this node, if fully hydrated.
+    pub fn fsr_image(&self, snapshot_id: &str) -> Option<PathBuf> {
+        crate::ids::check_id("snapshot id", snapshot_id).ok()?;
+        let p = self.fsr_dir().join(format!("{snapshot_id}.img"));
+        p.exists().then_some(p)
+    }
+
+    /// A fast-restore image of a committed snapshot, with the lineage a volume cloned from it
+    /// continues; `None` when this node holds no ready image.
+    pub async fn fast_image(&self, snapshot_id: &str) -> Option<(PathBuf, LineageRecord)> {
+        let image = self.fsr_image(snapshot_id)?;
+        let m = read_manifest(self.store.as_ref()?, snapshot_id).await.ok()??;
+        let lineage = LineageRecord {
+            lineage: m.lineage,
+            last_snapshot_id: m.snapshot_id,
+            last_capture_unix_ms: m.capture_unix_ms,
+            chunk_size: m.chunk_size,
+        };
+        Some((image, lineage))
+    }
+
+    /// Keeps this node's fast-restore images in line with what its zone enables, and publishes the
+    /// node's record, every `interval` until `cancel`.
+    pub async fn fast_restore_loop(
+        self: Arc<Self>,
+        zone: String,
+        interval: Duration,
+        cancel: CancellationToken,
+    ) {
+        let Some(store) = self.store.clone() else { return };
+        let dir = self.fsr_dir();
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::error!(error = %e, "fast restore disabled on this node: cannot create {}", dir.display());
+            return;
+        }
+        // Hydrations interrupted by a restart start over.
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        loop {
+            if let Err(e) = self.fast_restore_round(&store, &zone, &dir).await {
+                tracing::warn!(error = %e, "fast restore round failed");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    for j in self.fsr_jobs.lock().expect("fsr jobs").values() {
+                        j.cancel.cancel();
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    async fn fast_restore_round(
+        self: &Arc<Self>,
+        store: &Store,
+        zone: &str,
+        dir: &Path,
+    ) -> Result<(), super::fsr::FsrError> {
+        use super::fsr::{self, FsrState, ImageStatus, NodeRecord};
+        let wanted: std::collections::HashSet<String> = if zone.is_empty() {
+            Default::default()
+        } else {
+            fsr::list(store, Some(zone))
+                .await?
+                .into_iter()
+                .filter(|r| r.state != FsrState::Disabling)
+                .map(|r| r.snapshot_id)
+                .collect()
+        };
+        for snap in &wanted {
+            let running = self.fsr_jobs.lock().expect("fsr jobs").contains_key(snap);
+            if !running && self.fsr_image(snap).is_none() {
+                self.start_hydration(store.clone(), snap.clone(), dir.to_owned());
+            }
+        }
+        let mut images = std::collections::BTreeMap::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(snap) = name.strip_suffix(".img") else {
+                continue;
+            };
+            if wanted.contains(snap) {
+                images.insert(
+                    snap.to_owned(),
+                    ImageStatus {
+                        ready: true,
+                        done: 0,
+                        total: 0,
+                    },
+                );
+            } else {
+                tracing::info!(snapshot.id = %snap, "dropping fast-restore image");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let jobs: Vec<(String, Arc<FsrJob>)> = self
+            .fsr_jobs
+            .lock()
+            .expect("fsr jobs")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (snap, job) in jobs {
+            if !wanted.contains(&snap) {
+                job.cancel.cancel();
+                continue;
+            }
+            images.entry(snap).or_insert(ImageStatus {
+                ready: false,
+                done: job.progress.done.load(Ordering::Relaxed),
+                total: job.progress.total.load(Ordering::Relaxed),
+            });
+        }
+        let node = NodeRecord {
+            node: self.manager.node_name().to_owned(),
+            zone: zone.to_owned(),
+            updated_unix_ms: now_ms(),
+            images,
+        };
+        fsr::put_node(store, &node).await
+    }
+
+    fn start_hydration(self: &Arc<Self>, store: Store, snap: String, dir: PathBuf) {
+        let job = Arc::new(FsrJob {
+            progress: Progress::default(),
+            cancel: CancellationToken::new(),
+        });
+        self.fsr_jobs
+            .lock()
+            .expect("fsr jobs")
+            .insert(snap.clone(), job.clone());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let tmp = dir.join(format!("{snap}.img.tmp"));
+            let result = async {
+                let m = read_manifest(&store, &snap)
+                    .await?
+                    .ok_or_else(|| SnapshotError::NotFound {
+                        snapshot_id: snap.clone(),
+                    })?;
+                let f = std::fs::File::create(&tmp).map_err(|source| crate::volume::Error::Io {
+                    context: format!("create {}", tmp.display()),
+                    source,
+                })?;
+                f.set_len(m.size_bytes)
+                    .map_err(|source| crate::volume::Error::Io {
+                        context: "size image".into(),
+                        source,
+                    })?;
+                let lease = format!("fsr-{}-{snap}", me.manager.node_name());
+                restore::restore(
+                    &store,
+                    &m,
+                    &tmp,
+                    &lease,
+                    false,
+                    &job.progress,
+                    me.concurrency,
+                    &job.cancel,
+                )
+                .await?;
+                std::fs::rename(&tmp, dir.join(format!("{snap}.img"))).map_err(|source| {
+                    crate::volume::Error::Io {
+                        context: "keep image".into(),
+                        source,
+                    }
+                })?;
+                Ok::<_, SnapshotError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => tracing::info!(snapshot.id = %snap, "fast-restore image ready"),
+                Err(SnapshotError::Restore(RestoreError::Cancelled)) => {}
+                Err(e) => tracing::error!(snapshot.id = %snap, error = %e, "fast-restore hydration failed"),
+            }
+            let _ = std::fs::remove_file(&tmp);
+            me.fsr_jobs.lock().expect("fsr jobs").remove(&snap);
+        });
     }
 }
 

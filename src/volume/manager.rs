@@ -193,6 +193,9 @@ pub struct CreateSpec {
     pub parameters: BTreeMap<String, String>,
     /// Where the data comes from.
     pub source: VolumeSource,
+    /// For a snapshot source: a fully hydrated local image of it (fast restore) and the lineage
+    /// the volume continues; the volume is then a clone of the image, with nothing to restore.
+    pub image: Option<(PathBuf, LineageRecord)>,
 }
 
 /// Initial content of a new volume.
@@ -471,6 +474,7 @@ impl VolumeManager {
                     .filter(|_| v.record.access == Access::Mount);
                 Some((self.data_path(src)?, mount, self.lineage(src)?))
             }
+            VolumeSource::Snapshot(_) => spec.image.clone().map(|(p, l)| (p, None, Some(l))),
             _ => None,
         };
         let tmp =
@@ -490,7 +494,7 @@ impl VolumeManager {
                 record::write(&tmp.join("lineage.rec"), LINEAGE_RECORD, l)?;
             }
         }
-        if let VolumeSource::Snapshot(snapshot_id) = &spec.source {
+        if let (VolumeSource::Snapshot(snapshot_id), None) = (&spec.source, &spec.image) {
             let r = RestoreRecord {
                 snapshot_id: snapshot_id.clone(),
             };

@@ -45,11 +45,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RecordError + '_ {
 
 /// Writes `value` as a record of `kind` at `path`, atomically and durably.
 pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<(), RecordError> {
-    let body = serde_json::to_vec_pretty(value).map_err(|e| RecordError::Corrupt {
-        path: path.to_owned(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    let crc = crc32fast::hash(&body);
+    let bytes = encode(kind, value);
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
@@ -58,8 +54,7 @@ pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<(), Rec
     ));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        writeln!(f, "STRATA {kind} v{VERSION} crc32={crc:08x}").map_err(io_err(&tmp))?;
-        f.write_all(&body).map_err(io_err(&tmp))?;
+        f.write_all(&bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, path).map_err(io_err(path))?;
         fs::File::open(dir)
@@ -72,6 +67,19 @@ pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<(), Rec
     result
 }
 
+/// Encodes `value` as a record of `kind` (the same bytes `write` puts in a file).
+pub fn encode<T: Serialize>(kind: &str, value: &T) -> Vec<u8> {
+    let body = serde_json::to_vec_pretty(value).expect("records are plain data");
+    let mut out = format!("STRATA {kind} v{VERSION} crc32={:08x}\n", crc32fast::hash(&body)).into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes bytes written by `encode`; `what` names their source in errors.
+pub fn decode<T: DeserializeOwned>(what: &Path, kind: &str, data: &[u8]) -> Result<T, RecordError> {
+    parse(what, kind, data)
+}
+
 /// Reads a record of `kind`; `Ok(None)` when the file does not exist.
 pub fn read<T: DeserializeOwned>(path: &Path, kind: &str) -> Result<Option<T>, RecordError> {
     let data = match fs::read(path) {
@@ -79,6 +87,10 @@ pub fn read<T: DeserializeOwned>(path: &Path, kind: &str) -> Result<Option<T>, R
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(path)(e)),
     };
+    parse(path, kind, &data).map(Some)
+}
+
+fn parse<T: DeserializeOwned>(path: &Path, kind: &str, data: &[u8]) -> Result<T, RecordError> {
     let corrupt = |reason: String| RecordError::Corrupt {
         path: path.to_owned(),
         reason,
@@ -109,9 +121,7 @@ pub fn read<T: DeserializeOwned>(path: &Path, kind: &str) -> Result<Option<T>, R
             "checksum mismatch: header {want:08x}, body {got:08x}"
         )));
     }
-    serde_json::from_slice(body)
-        .map(Some)
-        .map_err(|e| corrupt(format!("bad body: {e}")))
+    serde_json::from_slice(body).map_err(|e| corrupt(format!("bad body: {e}")))
 }
 
 #[cfg(test)]

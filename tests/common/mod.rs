@@ -72,6 +72,10 @@ pub struct BedSpec {
     pub store: StoreKind,
     /// Put each node's storage directory on its own XFS filesystem (reflink clones, FIEMAP).
     pub xfs_storage: bool,
+    /// Extra arguments per node (by index), after `node_args`.
+    pub per_node_args: Vec<Vec<String>>,
+    /// Extra arguments for the controller.
+    pub controller_extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -168,7 +172,11 @@ impl TestBed {
         }
         let node_args: Vec<&str> = spec.node_args.iter().map(String::as_str).collect();
         for i in 0..bed.nodes.len() {
-            bed.start_node(i, &node_args).await;
+            let mut args = node_args.clone();
+            if let Some(extra) = spec.per_node_args.get(i) {
+                args.extend(extra.iter().map(String::as_str));
+            }
+            bed.start_node(i, &args).await;
         }
         let controller_args = spec.controller_args.unwrap_or_else(|| {
             let agents: Vec<String> = bed
@@ -186,6 +194,7 @@ impl TestBed {
             .arg(format!("--agent-token-file={}", bed.token_file.display()))
             .arg(format!("--store={}", bed.store_url))
             .arg("--gc-grace-seconds=0")
+            .args(&spec.controller_extra)
             .env("STRATA_LOG_LEVEL", "strata=debug,info")
             .env_remove("STRATA_AGENT_TOKEN")
             .env_remove("KUBECONFIG")

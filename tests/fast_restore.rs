@@ -1,0 +1,259 @@
+//! Fast snapshot restore on the two-zone test bed: a snapshot enabled in zone-b is pre-hydrated on
+//! node-b, and a volume restored there is a clone of the image (no store fetch, usable at the first
+//! CreateVolume answer) and byte-exact; in zone-a the restore fetches as usual. States move
+//! enabling -> optimizing -> enabled and, on disable, the image goes. Unknown zones and snapshots
+//! that are not ready get clear errors.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use strata::demo::pattern;
+use strata::proto::csi as pb;
+use strata::snapshot::fsr::{self, FsrState};
+use strata::topology::ZONE_KEY;
+use tonic::Code;
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("STRATA_STORE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_state(store: &strata::store::Store, snap: &str, zone: &str, want: Option<FsrState>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = fsr::list(store, Some(zone))
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.snapshot_id == snap)
+            .map(|r| r.state);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{snap} in {zone}: state {got:?}, waiting for {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn from_snapshot(name: &str, snap: &str, zone: &str) -> pb::CreateVolumeRequest {
+    let mut r = create_req(name, 32 * MIB, block_cap());
+    r.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Snapshot(
+            pb::volume_content_source::SnapshotSource {
+                snapshot_id: snap.into(),
+            },
+        )),
+    });
+    r.accessibility_requirements = Some(pb::TopologyRequirement {
+        requisite: vec![topo(&[(ZONE_KEY, zone)])],
+        preferred: vec![],
+    });
+    r
+}
+
+#[tokio::test]
+async fn fast_restore_zone_gets_initialized_volumes_at_once() {
+    let (pa, pb_) = (port(), port());
+    let bed = TestBed::start_spec(BedSpec {
+        nodes: vec![
+            ("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None),
+            ("node-b".into(), Some("zone-b".into()), "127.0.0.1".into(), None),
+        ],
+        node_args: vec!["--fsr-interval-ms=200".into()],
+        per_node_args: vec![
+            vec![format!("--metrics-addr=127.0.0.1:{pa}")],
+            vec![format!("--metrics-addr=127.0.0.1:{pb_}")],
+        ],
+        controller_extra: vec!["--fsr-interval-ms=200".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut ctl = bed.controller().await;
+    let mut r = create_req("src", 32 * MIB, block_cap());
+    r.accessibility_requirements = Some(pb::TopologyRequirement {
+        requisite: vec![topo(&[(ZONE_KEY, "zone-a")])],
+        preferred: vec![],
+    });
+    let id = ctl
+        .create_volume(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let mut a = bed.node(0).await;
+    let (st, tg) = bed.kubelet_paths("src");
+    attach(&mut a, &id, &st, &tg, block_cap()).await;
+    let data = pattern(20 << 20, 8);
+    std::fs::write(&tg, &data).unwrap();
+    let snap = loop {
+        let s = ctl
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: id.clone(),
+                name: "fsr".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if s.ready_to_use {
+            break s.snapshot_id;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let store_arg = format!("--store={}", bed.store_url);
+    let store = bed.store().await;
+
+    // Clear errors first: a zone without nodes, a snapshot that does not exist.
+    let (ok, text) = cli(&["fsr", "enable", &snap, "--zone", "zone-x", &store_arg]);
+    assert!(
+        !ok && text.contains("no node is in zone \"zone-x\"") && text.contains("zone-a, zone-b"),
+        "{text}"
+    );
+    let (ok, text) = cli(&["fsr", "enable", "snap-missing", "--zone", "zone-b", &store_arg]);
+    assert!(!ok && text.contains("does not exist or is not ready"), "{text}");
+
+    let (ok, text) = cli(&["fsr", "enable", &snap, "--zone", "zone-b", &store_arg]);
+    assert!(ok && text.contains("enabling"), "{text}");
+    wait_state(&store, &snap, "zone-b", Some(FsrState::Enabled)).await;
+    let (ok, text) = cli(&["fsr", "status", &store_arg]);
+    assert!(ok && text.contains("enabled") && text.contains("1/1"), "{text}");
+    assert!(bed.nodes[1]
+        .storage
+        .join("fsr")
+        .join(format!("{snap}.img"))
+        .exists());
+
+    // In zone-b: one CreateVolume call, no restore, no fetch, exact data.
+    let v = ctl
+        .create_volume(from_snapshot("in-b", &snap, "zone-b"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut b = bed.node(1).await;
+    let (st, tg) = bed.kubelet_paths("in-b");
+    attach(&mut b, &v.volume_id, &st, &tg, block_cap()).await;
+    let got = std::fs::read(&tg).unwrap();
+    assert!(
+        got[..20 << 20] == data[..] && got[20 << 20..].iter().all(|&x| x == 0),
+        "fast-restored data differs"
+    );
+    let mb = metrics(pb_).await;
+    assert!(
+        !mb.contains("strata_restores_total{"),
+        "node-b fetched a restore:\n{mb}"
+    );
+    assert!(
+        mb.contains("strata_restore_fetched_bytes_total 0"),
+        "node-b fetched chunks:\n{mb}"
+    );
+
+    // In zone-a: the usual restore, which fetches.
+    let v = loop {
+        match ctl.create_volume(from_snapshot("in-a", &snap, "zone-a")).await {
+            Ok(v) => break v.into_inner().volume.unwrap(),
+            Err(s) if s.code() == Code::Aborted => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    let (st, tg) = bed.kubelet_paths("in-a");
+    attach(&mut a, &v.volume_id, &st, &tg, block_cap()).await;
+    assert!(std::fs::read(&tg).unwrap()[..20 << 20] == data[..]);
+    let ma = metrics(pa).await;
+    assert!(
+        ma.contains(r#"strata_restores_total{outcome="ok"} 1"#),
+        "node-a did not restore:\n{ma}"
+    );
+
+    // Disable: the image goes, then the record.
+    let (ok, text) = cli(&["fsr", "disable", &snap, "--zone", "zone-b", &store_arg]);
+    assert!(ok && text.contains("disabling"), "{text}");
+    wait_state(&store, &snap, "zone-b", None).await;
+    assert!(!bed.nodes[1]
+        .storage
+        .join("fsr")
+        .join(format!("{snap}.img"))
+        .exists());
+
+    // A snapshot class with fastRestoreZones: enabled once ready; an unknown zone is refused first.
+    let with = |zones: &str, name: &str| pb::CreateSnapshotRequest {
+        source_volume_id: id.clone(),
+        name: name.into(),
+        parameters: [("fastRestoreZones".to_string(), zones.to_string())].into(),
+        ..Default::default()
+    };
+    let bad = ctl.create_snapshot(with("zone-a,zone-q", "fsr-bad")).await;
+    assert_eq!(code(bad), Code::InvalidArgument);
+    let snap2 = loop {
+        let s = ctl
+            .create_snapshot(with("zone-a", "fsr-class"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if s.ready_to_use {
+            break s.snapshot_id;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_state(&store, &snap2, "zone-a", Some(FsrState::Enabled)).await;
+    // Deleting the snapshot removes its fast-restore state and images.
+    ctl.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: snap2.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    wait_state(&store, &snap2, "zone-a", None).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.nodes[0]
+        .storage
+        .join("fsr")
+        .join(format!("{snap2}.img"))
+        .exists()
+    {
+        assert!(Instant::now() < deadline, "image of a deleted snapshot kept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
