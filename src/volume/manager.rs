@@ -817,8 +817,28 @@ impl VolumeManager {
                 sys::unmount_all(staging_path).await?;
             }
         }
-        for l in sys::loops_for(&self.data_path(id)?) {
-            sys::loop_detach(&l).await?;
+        let data = self.data_path(id)?;
+        // A device already going away may refuse a second detach; what counts is that it goes.
+        let mut detach_error = None;
+        for l in sys::loops_for(&data) {
+            if let Err(e) = sys::loop_detach(&l).await {
+                detach_error = Some(e);
+            }
+        }
+        // A device something still holds open (udev probing it, say) is only marked for removal
+        // and goes when the last opener closes: unstage is done once it is really gone.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sys::loops_for(&data).is_empty() {
+            if tokio::time::Instant::now() > deadline {
+                if let Some(e) = detach_error {
+                    return Err(e.into());
+                }
+                return Err(Error::Unavailable {
+                    volume_id: id.to_owned(),
+                    reason: "its loop device is still held open by another process; retry".into(),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         let stage = self.dir(id)?.join("stage.rec");
         match std::fs::remove_file(&stage) {
