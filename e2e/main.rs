@@ -1,7 +1,8 @@
 //! End-to-end suite against a real cluster (`KUBECONFIG`) with Strata installed, the
 //! VolumeSnapshot CRDs and the snapshot-controller: provision, write in a pod, snapshot, change,
 //! snapshot again, restore each into a new PVC and check the data in pods (sha256), delete the
-//! first snapshot and restore the second again, restore on another node. Everything is made in a
+//! first snapshot and restore the second again, restore on another node, and (nodes in two zones)
+//! restore a fast-restore snapshot in and out of its zone. Everything is made in a
 //! fresh namespace that is deleted at the end, also when a step fails.
 //!
 //! Run: `cargo test --test e2e -- --ignored --nocapture` (e2e/kind/run.sh does it on kind).
@@ -79,14 +80,14 @@ impl Suite {
         Ok(())
     }
 
-    /// Runs `script` in a pod with `pvc` at /data, optionally kept off `avoid_node`; waits for
-    /// success and returns the node it ran on.
+    /// Runs `script` in a pod with `pvc` at /data, optionally placed by `place` (label key,
+    /// operator, value); waits for success and returns the node it ran on.
     async fn run(
         &self,
         name: &str,
         pvc: &str,
         script: &str,
-        avoid_node: Option<&str>,
+        place: Option<(&str, &str, &str)>,
     ) -> anyhow::Result<String> {
         let mut spec = json!({
             "restartPolicy": "Never",
@@ -97,11 +98,11 @@ impl Suite {
             }],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}],
         });
-        if let Some(n) = avoid_node {
+        if let Some((key, op, value)) = place {
             spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [n]}]}]}}});
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": key, "operator": op, "values": [value]}]}]}}});
         }
+
         let pod: Pod = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))?;
         self.pods().create(&PostParams::default(), &pod).await?;
         let pods = self.pods();
@@ -126,11 +127,16 @@ impl Suite {
     }
 
     async fn snapshot(&self, name: &str, pvc: &str) -> anyhow::Result<()> {
+        self.snapshot_with(name, pvc, &setting("STRATA_E2E_SNAPSHOT_CLASS", "strata"))
+            .await
+    }
+
+    async fn snapshot_with(&self, name: &str, pvc: &str, class: &str) -> anyhow::Result<()> {
         let api = snapshot_api(&self.client, &self.ns);
         let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
         let mut obj = DynamicObject::new(name, &ApiResource::from_gvk(&gvk));
         obj.data = json!({"spec": {
-            "volumeSnapshotClassName": setting("STRATA_E2E_SNAPSHOT_CLASS", "strata"),
+            "volumeSnapshotClassName": class,
             "source": {"persistentVolumeClaimName": pvc}}});
         api.create(&PostParams::default(), &obj).await?;
         wait_for(&format!("snapshot {name} ready"), || {
@@ -201,13 +207,61 @@ async fn flow(s: &Suite) -> anyhow::Result<()> {
                 "check-r4",
                 "r4",
                 "cd /data && sha256sum -c sums-2",
-                Some(&writer_node),
+                Some(("kubernetes.io/hostname", "NotIn", writer_node.as_str())),
             )
             .await?;
         anyhow::ensure!(node != writer_node, "the restore ran on the writer's node");
         println!("restored snap-2 on another node ({node})");
     } else {
         println!("one schedulable node: the restore-on-another-node step is skipped");
+    }
+    fast_restore(s, &nodes).await
+}
+
+fn fsr_class(ns: &str) -> String {
+    format!("{ns}-fast-restore")
+}
+
+fn class_api(client: &Client) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    Api::all_with(client.clone(), &ApiResource::from_gvk(&gvk))
+}
+
+/// With nodes in two zones: a snapshot of a fast-restore class restored in its zone and outside.
+async fn fast_restore(s: &Suite, nodes: &Api<Node>) -> anyhow::Result<()> {
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    let mut zones: Vec<String> = nodes
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.labels.and_then(|l| l.get(ZONE).cloned()))
+        .collect();
+    zones.sort();
+    zones.dedup();
+    if zones.len() < 2 {
+        println!("nodes carry fewer than two zones: the fast-restore step is skipped");
+        return Ok(());
+    }
+    let (fast, other) = (&zones[0], &zones[1]);
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass");
+    let mut class = DynamicObject::new(&fsr_class(&s.ns), &ApiResource::from_gvk(&gvk));
+    class.data = json!({"driver": "strata.csi.dev", "deletionPolicy": "Delete", "parameters": {"fastRestoreZones": fast}});
+    class_api(&s.client)
+        .create(&PostParams::default(), &class)
+        .await?;
+    s.snapshot_with("snap-fast", "data", &fsr_class(&s.ns)).await?;
+    for (pvc, zone) in [("fast-in", fast), ("fast-out", other)] {
+        s.pvc(pvc, Some(from_snapshot("snap-fast"))).await?;
+        let node = s
+            .run(
+                &format!("check-{pvc}"),
+                pvc,
+                "cd /data && sha256sum -c sums-2",
+                Some((ZONE, "In", zone.as_str())),
+            )
+            .await?;
+        println!("fast-restore snapshot restored in {zone} ({node}): checksums match");
     }
     Ok(())
 }
@@ -230,6 +284,9 @@ async fn snapshots_restore_across_nodes() {
     let result = std::panic::AssertUnwindSafe(flow(&suite)).catch_unwind().await;
     // Cleanup whatever happened: the namespace takes its PVCs, pods and snapshots with it.
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    let _ = class_api(&client)
+        .delete(&fsr_class(&ns), &DeleteParams::default())
+        .await;
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => panic!("e2e failed in namespace {ns}: {e:#}"),

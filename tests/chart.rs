@@ -250,6 +250,13 @@ fn chart_lints_and_renders_valid_objects() {
     for sets in value_sets {
         check(&render(sets));
     }
+    let fast = render(&[
+        "snapshotClasses[0].name=strata-fast-restore",
+        "snapshotClasses[0].deletionPolicy=Delete",
+        "snapshotClasses[0].parameters.fastRestoreZones=zone-a\\,zone-b",
+    ]);
+    let class = fast.iter().find(|d| d["kind"] == "VolumeSnapshotClass").unwrap();
+    assert_eq!(class["parameters"]["fastRestoreZones"], "zone-a,zone-b");
 }
 
 #[test]
