@@ -31,7 +31,7 @@ cleanup() {
   scripts/s3-server.sh stop "$env_file" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-truncate -s 24G "$img"
+truncate -s 48G "$img"
 dev=$(losetup --find --show "$img")
 mkfs.xfs -q -f -m reflink=1 "$dev"
 mkdir -p "$mnt"

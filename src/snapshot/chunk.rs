@@ -70,11 +70,30 @@ pub fn is_zero(raw: &[u8]) -> bool {
         && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// Random-looking data (media, encrypted or already compressed files) does not shrink: a sample
+/// from the start and the middle decides, so such chunks cost no full compression attempt.
+fn worth_compressing(raw: &[u8], level: i32) -> bool {
+    const SAMPLE: usize = 64 << 10;
+    if raw.len() <= 2 * SAMPLE {
+        return true;
+    }
+    let mid = raw.len() / 2;
+    [&raw[..SAMPLE], &raw[mid..mid + SAMPLE]].iter().any(|s| {
+        zstd::bulk::compress(s, level)
+            .map(|c| c.len() < SAMPLE * 9 / 10)
+            .unwrap_or(false)
+    })
+}
+
 /// Encodes raw bytes as a chunk object (zstd when it helps).
 pub fn encode(raw: &[u8], level: i32) -> Bytes {
-    let compressed = zstd::bulk::compress(raw, level)
-        .ok()
-        .filter(|c| c.len() < raw.len());
+    let compressed = if worth_compressing(raw, level) {
+        zstd::bulk::compress(raw, level)
+            .ok()
+            .filter(|c| c.len() < raw.len())
+    } else {
+        None
+    };
     let (codec, payload): (u8, &[u8]) = match &compressed {
         Some(c) => (1, c),
         None => (0, raw),
@@ -149,6 +168,18 @@ mod tests {
         let obj = encode(&noise, 1);
         assert_eq!(obj[5], 0);
         assert_eq!(decode(&hash(&noise), &obj).unwrap(), noise);
+    }
+
+    #[test]
+    fn compressibility_is_sampled() {
+        let noise = crate::demo::pattern(4 << 20, 3);
+        assert_eq!(encode(&noise, 1)[5], 0, "random data is stored raw");
+        let mut half = noise.clone();
+        half[2 << 20..].fill(0);
+        let obj = encode(&half, 1);
+        assert_eq!(obj[5], 1, "half-zero data is compressed");
+        assert!(obj.len() < 3 << 20);
+        assert_eq!(decode(&hash(&half), &obj).unwrap(), half);
     }
 
     #[test]
