@@ -63,6 +63,19 @@ fn bind_unix(path: &Path) -> Result<UnixListenerStream, ServiceError> {
     Ok(UnixListenerStream::new(l))
 }
 
+/// The snapshot store, when one is configured (both roles take the same `--store`).
+async fn open_store(url: Option<&str>) -> Result<Option<crate::store::Store>, ServiceError> {
+    match url {
+        Some(url) => {
+            let store = crate::store::open(url)
+                .await
+                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?;
+            Ok(Some(store))
+        }
+        None => Ok(None),
+    }
+}
+
 fn spawn_metrics(addr: Option<std::net::SocketAddr>, metrics: Arc<Metrics>, cancel: &CancellationToken) {
     if let Some(addr) = addr {
         let c = cancel.clone();
@@ -107,14 +120,7 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
     };
     let metrics = Arc::new(Metrics::default());
     spawn_metrics(args.metrics_addr, metrics.clone(), &cancel);
-    let store = match &args.store {
-        Some(url) => Some(
-            crate::store::open(url)
-                .await
-                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?,
-        ),
-        None => None,
-    };
+    let store = open_store(args.store.as_deref()).await?;
     let gc_kick = Arc::new(tokio::sync::Notify::new());
     if let Some(store) = &store {
         tokio::spawn(crate::csi::controller_snapshots::gc_loop(
@@ -201,14 +207,7 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
     let agent_addr = args
         .agent_listen
         .unwrap_or_else(|| "0.0.0.0:7001".parse().expect("valid address"));
-    let store = match &args.store {
-        Some(url) => Some(
-            crate::store::open(url)
-                .await
-                .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?,
-        ),
-        None => None,
-    };
+    let store = open_store(args.store.as_deref()).await?;
     let chunk_size = config::check_chunk_size(args.chunk_size.unwrap_or(4 << 20))?;
     let snapshots = crate::snapshot::node::NodeSnapshots::new(
         manager.clone(),
