@@ -258,7 +258,7 @@ async fn topology_requisite_constrains_and_preferred_orders() {
         requisite: vec![topo(&[(ZONE_KEY, "zone-b")])],
         preferred: vec![],
     });
-    let v = ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let v = create_volume(&mut ctl, r).await;
     let seg = &v.accessible_topology[0].segments;
     assert_eq!(seg.get(NODE_KEY).map(String::as_str), Some("node-b"));
     assert_eq!(seg.get(ZONE_KEY).map(String::as_str), Some("zone-b"));
@@ -278,7 +278,7 @@ async fn topology_requisite_constrains_and_preferred_orders() {
             requisite: vec![topo(&[(ZONE_KEY, "zone-a")]), topo(&[(ZONE_KEY, "zone-b")])],
             preferred: vec![topo(&[(NODE_KEY, pref)]), topo(&[(ZONE_KEY, "zone-a")])],
         });
-        let v = ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+        let v = create_volume(&mut ctl, r).await;
         assert_eq!(
             v.accessible_topology[0]
                 .segments
@@ -609,7 +609,7 @@ async fn secrets_never_reach_the_logs() {
     let mut node = bed.node(0).await;
     let mut r = create_req("sec", MIB * 16, mount_cap("ext4"));
     r.secrets.insert("key".into(), secret.into());
-    let v = ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let v = create_volume(&mut ctl, r).await;
     let (staging, target) = bed.kubelet_paths("sec");
     let mut s = stage_req(&v.volume_id, &staging, mount_cap("ext4"));
     s.secrets.insert("key".into(), secret.into());
@@ -641,11 +641,7 @@ async fn secrets_never_reach_the_logs() {
 
 #[tokio::test]
 async fn metrics_count_rpcs_by_method_and_code() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let bed = TestBed::start_spec(BedSpec {
         nodes: vec![("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None)],
         node_args: vec![format!("--metrics-addr=127.0.0.1:{port}")],
@@ -660,45 +656,14 @@ async fn metrics_count_rpcs_by_method_and_code() {
             .await;
         assert_eq!(code(r), Code::NotFound);
     }
-    let get = |path: &'static str| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
+    let get = |path: &'static str| http_get(port, path);
     // A committed snapshot is counted.
     let mut ctl = bed.controller().await;
-    let v = ctl
-        .create_volume(create_req("mv", 8 * MIB, block_cap()))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut ctl, create_req("mv", 8 * MIB, block_cap())).await;
     let (st, tg) = bed.kubelet_paths("mv");
     attach(&mut node, &v.volume_id, &st, &tg, block_cap()).await;
     std::fs::write(&tg, strata::demo::pattern(2 << 20, 5)).unwrap();
-    loop {
-        let s = ctl
-            .create_snapshot(pb::CreateSnapshotRequest {
-                source_volume_id: v.volume_id.clone(),
-                name: "ms".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
-        if s.ready_to_use {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    snapshot(&mut ctl, "ms", &v.volume_id).await;
     assert!(get("/healthz").await.contains("200 OK"));
     let m = get("/metrics").await;
     assert!(

@@ -15,41 +15,6 @@ use strata::snapshot::fsr::{self, FsrState};
 use strata::topology::ZONE_KEY;
 use tonic::Code;
 
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(BIN)
-        .args(args)
-        .env_remove("STRATA_STORE")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-async fn metrics(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_state(store: &strata::store::Store, snap: &str, zone: &str, want: Option<FsrState>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -88,7 +53,7 @@ fn from_snapshot(name: &str, snap: &str, zone: &str) -> pb::CreateVolumeRequest 
 
 #[tokio::test]
 async fn fast_restore_zone_gets_initialized_volumes_at_once() {
-    let (pa, pb_) = (port(), port());
+    let (pa, pb_) = (free_port(), free_port());
     let bed = TestBed::start_spec(BedSpec {
         nodes: vec![
             ("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None),
@@ -109,36 +74,13 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
         requisite: vec![topo(&[(ZONE_KEY, "zone-a")])],
         preferred: vec![],
     });
-    let id = ctl
-        .create_volume(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume(&mut ctl, r).await.volume_id;
     let mut a = bed.node(0).await;
     let (st, tg) = bed.kubelet_paths("src");
     attach(&mut a, &id, &st, &tg, block_cap()).await;
     let data = pattern(20 << 20, 8);
     std::fs::write(&tg, &data).unwrap();
-    let snap = loop {
-        let s = ctl
-            .create_snapshot(pb::CreateSnapshotRequest {
-                source_volume_id: id.clone(),
-                name: "fsr".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
-        if s.ready_to_use {
-            break s.snapshot_id;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let snap = snapshot(&mut ctl, "fsr", &id).await.snapshot_id;
     let store_arg = format!("--store={}", bed.store_url);
     let store = bed.store().await;
 
@@ -163,13 +105,7 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
         .exists());
 
     // In zone-b: one CreateVolume call, no restore, no fetch, exact data.
-    let v = ctl
-        .create_volume(from_snapshot("in-b", &snap, "zone-b"))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut ctl, from_snapshot("in-b", &snap, "zone-b")).await;
     let mut b = bed.node(1).await;
     let (st, tg) = bed.kubelet_paths("in-b");
     attach(&mut b, &v.volume_id, &st, &tg, block_cap()).await;
@@ -178,7 +114,7 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
         got[..20 << 20] == data[..] && got[20 << 20..].iter().all(|&x| x == 0),
         "fast-restored data differs"
     );
-    let mb = metrics(pb_).await;
+    let mb = http_get(pb_, "/metrics").await;
     assert!(
         !mb.contains("strata_restores_total{"),
         "node-b fetched a restore:\n{mb}"
@@ -199,7 +135,7 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
     let (st, tg) = bed.kubelet_paths("in-a");
     attach(&mut a, &v.volume_id, &st, &tg, block_cap()).await;
     assert!(std::fs::read(&tg).unwrap()[..20 << 20] == data[..]);
-    let ma = metrics(pa).await;
+    let ma = http_get(pa, "/metrics").await;
     assert!(
         ma.contains(r#"strata_restores_total{outcome="ok"} 1"#),
         "node-a did not restore:\n{ma}"
@@ -224,19 +160,9 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
     };
     let bad = ctl.create_snapshot(with("zone-a,zone-q", "fsr-bad")).await;
     assert_eq!(code(bad), Code::InvalidArgument);
-    let snap2 = loop {
-        let s = ctl
-            .create_snapshot(with("zone-a", "fsr-class"))
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
-        if s.ready_to_use {
-            break s.snapshot_id;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let snap2 = snapshot_with(&mut ctl, with("zone-a", "fsr-class"))
+        .await
+        .snapshot_id;
     wait_state(&store, &snap2, "zone-a", Some(FsrState::Enabled)).await;
     // Deleting the snapshot removes its fast-restore state and images.
     ctl.delete_snapshot(pb::DeleteSnapshotRequest {

@@ -23,12 +23,8 @@ fn mounted(path: &Path) -> bool {
 
 async fn create(bed: &TestBed, name: &str, bytes: i64, cap: pb::VolumeCapability) -> String {
     let mut ctl = bed.controller().await;
-    ctl.create_volume(create_req(name, bytes, cap))
+    create_volume(&mut ctl, create_req(name, bytes, cap))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id
 }
 
@@ -467,14 +463,7 @@ async fn restore_in_another_zone_is_refused_by_topology_not_data() {
         requisite: vec![topo(&[(strata::topology::ZONE_KEY, "zone-b")])],
         preferred: vec![],
     });
-    let id = ctl
-        .create_volume(r)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = create_volume(&mut ctl, r).await.volume_id;
     let (staging, target) = bed.kubelet_paths("zb");
     let mut b = bed.node(1).await;
     attach(&mut b, &id, &staging, &target, mount_cap("ext4")).await;

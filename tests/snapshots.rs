@@ -18,29 +18,6 @@ use tonic::Code;
 
 const TWO_ZONES: &[(&str, &str)] = &[("node-a", "zone-a"), ("node-b", "zone-b")];
 
-/// CreateSnapshot, repeated (as the external-snapshotter does) until ready.
-async fn snapshot(ctl: &mut ControllerClient<Channel>, name: &str, source: &str) -> pb::Snapshot {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = ctl
-            .create_snapshot(pb::CreateSnapshotRequest {
-                source_volume_id: source.into(),
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshot
-            .unwrap();
-        if s.ready_to_use {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "snapshot {name} not ready in time");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// CreateVolume from a snapshot in a zone, repeated while the restore is in progress.
 async fn restore(
     ctl: &mut ControllerClient<Channel>,
@@ -103,7 +80,7 @@ async fn chain_restore_delete_gc(kind: StoreKind) {
         requisite: vec![topo(&[(ZONE_KEY, "zone-a")])],
         preferred: vec![],
     });
-    let src = ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let src = create_volume(&mut ctl, r).await;
     let id = src.volume_id.clone();
     let mut a = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("src");
@@ -224,13 +201,8 @@ async fn chain_restore_delete_gc_s3() {
 async fn snapshot_is_point_in_time_and_incremental_by_chunk() {
     let bed = TestBed::start(&[("node-a", "zone-a")]).await;
     let mut ctl = bed.controller().await;
-    let id = ctl
-        .create_volume(create_req("blk", 64 * MIB, block_cap()))
+    let id = create_volume(&mut ctl, create_req("blk", 64 * MIB, block_cap()))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let mut a = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("blk");
@@ -274,7 +246,7 @@ async fn snapshot_is_point_in_time_and_incremental_by_chunk() {
             },
         )),
     });
-    let v = ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let v = create_volume(&mut ctl, r).await;
     let (st, tg) = bed.kubelet_paths("blk-r");
     attach(&mut a, &v.volume_id, &st, &tg, block_cap()).await;
     let got = std::fs::read(&tg).unwrap();
@@ -290,20 +262,8 @@ async fn snapshot_is_point_in_time_and_incremental_by_chunk() {
 async fn snapshot_rpcs_validate_and_use_the_right_codes() {
     let bed = TestBed::start(TWO_ZONES).await;
     let mut ctl = bed.controller().await;
-    let v1 = ctl
-        .create_volume(create_req("v1", 32 * MIB, mount_cap("ext4")))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
-    let v2 = ctl
-        .create_volume(create_req("v2", 32 * MIB, mount_cap("ext4")))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v1 = create_volume(&mut ctl, create_req("v1", 32 * MIB, mount_cap("ext4"))).await;
+    let v2 = create_volume(&mut ctl, create_req("v2", 32 * MIB, mount_cap("ext4"))).await;
     let req = |name: &str, src: &str| pb::CreateSnapshotRequest {
         source_volume_id: src.into(),
         name: name.into(),
@@ -448,13 +408,7 @@ async fn snapshot_rpcs_validate_and_use_the_right_codes() {
         Code::OutOfRange
     );
     // Asking for less than the snapshot without a limit gives the snapshot's size.
-    let v = ctl
-        .create_volume(from("r3", &s.snapshot_id, 16 * MIB, 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = create_volume(&mut ctl, from("r3", &s.snapshot_id, 16 * MIB, 0)).await;
     assert_eq!(v.capacity_bytes, 32 * MIB);
     assert!(v.content_source.is_some(), "the content source is echoed");
     let caps = ctl
@@ -490,7 +444,7 @@ async fn clone_copies_a_live_volume_on_its_node() {
         requisite: vec![topo(&[(ZONE_KEY, "zone-b")])],
         preferred: vec![],
     });
-    let orig = ctl.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+    let orig = create_volume(&mut ctl, r).await;
     let mut b = bed.node(1).await;
     let (staging, target) = bed.kubelet_paths("orig");
     attach(&mut b, &orig.volume_id, &staging, &target, mount_cap("xfs")).await;
@@ -512,13 +466,7 @@ async fn clone_copies_a_live_volume_on_its_node() {
         r
     };
     // While mounted and in use (frozen for the copy).
-    let c = ctl
-        .create_volume(clone_req("copy", "zone-b"))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let c = create_volume(&mut ctl, clone_req("copy", "zone-b")).await;
     write_file(&target.join("after"), b"not in the clone");
     let (st, tg) = bed.kubelet_paths("copy");
     attach(&mut b, &c.volume_id, &st, &tg, mount_cap("xfs")).await;
@@ -559,13 +507,8 @@ async fn upload_killed_mid_way_resumes_after_restart(store: StoreKind) {
     })
     .await;
     let mut ctl = bed.controller().await;
-    let id = ctl
-        .create_volume(create_req("big", 128 * MIB, block_cap()))
+    let id = create_volume(&mut ctl, create_req("big", 128 * MIB, block_cap()))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let mut a = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("big");
@@ -657,13 +600,8 @@ async fn on_xfs_unchanged_chunks_are_not_even_read() {
     })
     .await;
     let mut ctl = bed.controller().await;
-    let id = ctl
-        .create_volume(create_req("x", 64 * MIB, block_cap()))
+    let id = create_volume(&mut ctl, create_req("x", 64 * MIB, block_cap()))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let mut a = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("x");
@@ -724,31 +662,12 @@ async fn on_xfs_unchanged_chunks_are_not_even_read() {
     }
 }
 
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(BIN)
-        .args(args)
-        .env_remove("STRATA_STORE")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[tokio::test]
 async fn admin_cli_lists_shows_restores_verifies_and_collects() {
     let bed = TestBed::start(&[("node-a", "zone-a")]).await;
     let mut ctl = bed.controller().await;
-    let id = ctl
-        .create_volume(create_req("cli", 16 * MIB, block_cap()))
+    let id = create_volume(&mut ctl, create_req("cli", 16 * MIB, block_cap()))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let mut a = bed.node(0).await;
     let (staging, target) = bed.kubelet_paths("cli");

@@ -78,7 +78,7 @@ pub struct BedSpec {
     pub controller_extra: Vec<String>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -497,3 +497,75 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
 }
 
 pub const MIB: i64 = 1 << 20;
+
+/// CreateVolume that must succeed; the created volume.
+pub async fn create_volume(ctl: &mut ControllerClient<Channel>, req: pb::CreateVolumeRequest) -> pb::Volume {
+    ctl.create_volume(req).await.unwrap().into_inner().volume.unwrap()
+}
+
+/// A CreateSnapshot request for `source`.
+pub fn snapshot_req(name: &str, source: &str) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// CreateSnapshot, repeated (as the external-snapshotter does) until ready.
+pub async fn snapshot_with(
+    ctl: &mut ControllerClient<Channel>,
+    req: pb::CreateSnapshotRequest,
+) -> pb::Snapshot {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = ctl
+            .create_snapshot(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if s.ready_to_use {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshot {} not ready in time",
+            req.name
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`snapshot_with`] for a plain request.
+pub async fn snapshot(ctl: &mut ControllerClient<Channel>, name: &str, source: &str) -> pb::Snapshot {
+    snapshot_with(ctl, snapshot_req(name, source)).await
+}
+
+/// Runs the strata binary (without an inherited STRATA_STORE): success and stdout+stderr.
+pub fn cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("STRATA_STORE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A plain HTTP GET on loopback (metrics and health endpoints): the whole response.
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
