@@ -563,9 +563,11 @@ impl VolumeManager {
 
     /// All volumes with live state; unreadable records are logged and skipped.
     pub fn list(&self) -> Result<Vec<VolumeState>, Error> {
+        // One read of the mount table for the whole listing, not one per volume.
+        let mounts = sys::mounts();
         let mut out = Vec::new();
         for id in self.ids()? {
-            match self.get(&id) {
+            match self.read_record(&id).and_then(|r| self.state_with(r, &mounts)) {
                 Ok(v) => out.push(v),
                 Err(Error::NotFound { .. }) => {}
                 Err(e) => tracing::warn!(volume.id = %id, error = %e, "skipping unreadable volume"),
@@ -575,11 +577,14 @@ impl VolumeManager {
     }
 
     fn state(&self, record: VolumeRecord) -> Result<VolumeState, Error> {
+        self.state_with(record, &sys::mounts())
+    }
+
+    fn state_with(&self, record: VolumeRecord, mounts: &[sys::MountEntry]) -> Result<VolumeState, Error> {
         let data = self.data_path(&record.id)?;
         let stage = self.read_stage(&record.id)?;
         let loops = sys::loops_for(&data);
         let device = loops.iter().find(|l| !l.read_only).cloned();
-        let mounts = sys::mounts();
         let dev_nums: Vec<(u32, u32)> = loops.iter().filter_map(sys::loop_dev_numbers).collect();
         let loop_roots: Vec<String> = loops.iter().map(|l| format!("/{}", l.name)).collect();
         let staging_path = stage
