@@ -270,6 +270,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         tags: Default::default(),
         reflinked,
         base,
+        hydrating: None,
     };
     let clone1 = a.dir.join("bench-capture-1.img");
     let _ = std::fs::remove_file(&clone1);

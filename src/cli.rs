@@ -44,4 +44,7 @@ pub enum Command {
     Fsr(crate::admin::FsrCommand),
     /// Measure snapshot, incremental and restore throughput beside raw store, disk and restic baselines.
     Bench(crate::bench::BenchArgs),
+    /// Serve one lazily restored volume while it hydrates (started by the node agent).
+    #[command(hide = true)]
+    Hydrate(crate::hydrate::serve::HydrateArgs),
 }

@@ -114,6 +114,10 @@ pub struct NodeArgs {
     /// Milliseconds between fast-restore rounds: hydrate, drop, publish (default 5000).
     #[arg(long, env = "STRATA_FSR_INTERVAL_MS")]
     pub fsr_interval_ms: Option<u64>,
+    /// Cap on background hydration per restored volume, MiB/s (default 0: unlimited). Reads and
+    /// writes that need a chunk first are never held back by it.
+    #[arg(long, env = "STRATA_HYDRATION_BANDWIDTH_MIB")]
+    pub hydration_bandwidth_mib: Option<u64>,
 }
 
 fn load<T: for<'de> Deserialize<'de> + Default>(path: &Option<PathBuf>) -> Result<T, ConfigError> {
@@ -231,7 +235,8 @@ impl NodeArgs {
             store,
             chunk_size,
             transfer_concurrency,
-            fsr_interval_ms
+            fsr_interval_ms,
+            hydration_bandwidth_mib
         ))
     }
 }

@@ -44,6 +44,7 @@ pub mod config;
 pub mod controller;
 pub mod csi;
 pub mod demo;
+pub mod hydrate;
 pub mod ids;
 pub mod kube;
 pub mod proto;

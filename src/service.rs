@@ -208,12 +208,33 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         .agent_listen
         .unwrap_or_else(|| "0.0.0.0:7001".parse().expect("valid address"));
     let store = open_store(args.store.as_deref()).await?;
+    let concurrency = args.transfer_concurrency.unwrap_or(8).max(1);
+    let hydrators = Arc::new(crate::hydrate::supervise::Hydrators::new(
+        manager.clone(),
+        args.store.clone(),
+        concurrency,
+        args.hydration_bandwidth_mib.unwrap_or(0),
+        metrics.clone(),
+    ));
+    {
+        // Resumes hydrations after a restart or reboot, retires finished ones, feeds metrics.
+        let (h, g, c) = (hydrators.clone(), guard.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => h.tick(&g).await,
+                }
+            }
+        });
+    }
     let chunk_size = config::check_chunk_size(args.chunk_size.unwrap_or(4 << 20))?;
     let snapshots = crate::snapshot::node::NodeSnapshots::new(
         manager.clone(),
         store,
         chunk_size,
-        args.transfer_concurrency.unwrap_or(8).max(1),
+        concurrency,
         metrics.clone(),
     );
     snapshots.resume();
@@ -227,6 +248,7 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         guard: guard.clone(),
         zone: zone.clone(),
         snapshots,
+        hydrators: hydrators.clone(),
     };
     let agent_listener = tokio::net::TcpListener::bind(agent_addr)
         .await
@@ -251,6 +273,7 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
     };
     let node = NodeService {
         manager,
+        hydrators,
         guard,
         zone: zone.clone(),
         metrics,

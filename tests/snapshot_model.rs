@@ -103,6 +103,7 @@ async fn run_model(store: Store, ops: Vec<Op>, dir: &Path) {
                     tags: BTreeMap::new(),
                     reflinked: false,
                     base: None,
+                    hydrating: None,
                 };
                 let p = Progress::default();
                 let m = upload(

@@ -31,6 +31,7 @@ fn spec(id: &str, size: u64) -> UploadSpec {
         tags: BTreeMap::new(),
         reflinked: false,
         base: None,
+        hydrating: None,
     }
 }
 

@@ -5,14 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::csi::op_guard::OpGuard;
+use crate::hydrate::supervise::Hydrators;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_server::Agent;
-use crate::snapshot::node::{NodeSnapshots, SnapshotError};
+use crate::snapshot::node::NodeSnapshots;
 use crate::volume::{Access, CreateSpec, VolumeManager, VolumeSource, VolumeState};
-
-/// How long a CreateVolume from a snapshot waits for the restore before answering ABORTED
-/// ("in progress"); the caller repeats the call, as the external-provisioner does.
-const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
 
 /// Serves the agent API over a node's volume manager.
 pub struct AgentService {
@@ -22,8 +19,10 @@ pub struct AgentService {
     pub guard: OpGuard,
     /// The node's zone.
     pub zone: String,
-    /// Snapshot captures, uploads and restores.
+    /// Snapshot captures, uploads and fast-restore images.
     pub snapshots: Arc<NodeSnapshots>,
+    /// Lazy restores.
+    pub hydrators: Arc<Hydrators>,
 }
 
 /// Proto form of a volume state.
@@ -63,19 +62,14 @@ pub fn volume_to_pb(v: &VolumeState, node: &str) -> pb::Volume {
         source_snapshot_id: v.record.source_snapshot_id.clone(),
         source_volume_id: v.record.source_volume_id.clone(),
         restoring: v.restoring.is_some(),
-        restore_chunks_done: 0,
-        restore_chunks_total: 0,
+        restore_chunks_done: v.hydration.as_ref().map_or(0, |h| h.local_chunks),
+        restore_chunks_total: v.hydration.as_ref().map_or(0, |h| h.total_chunks),
     }
 }
 
 impl AgentService {
     fn volume(&self, v: &VolumeState) -> pb::Volume {
-        let mut out = volume_to_pb(v, self.manager.node_name());
-        if let Some((done, total)) = self.snapshots.restore_progress(&v.record.id) {
-            out.restore_chunks_done = done;
-            out.restore_chunks_total = total;
-        }
-        out
+        volume_to_pb(v, self.manager.node_name())
     }
 }
 
@@ -135,6 +129,18 @@ impl Agent for AgentService {
             VolumeSource::Volume(src) => Some(self.guard.acquire(src)?),
             _ => None,
         };
+        let image = match &source {
+            VolumeSource::Snapshot(snap) => self.snapshots.fast_image(snap).await,
+            _ => None,
+        };
+        // A new lazy restore takes its lease and manifest now; a repeated call finds the volume.
+        let hydrate = match (&source, &image) {
+            (VolumeSource::Snapshot(snap), None) if self.manager.get(&r.volume_id).is_err() => {
+                Some(self.snapshots.hydrate_seed(&r.volume_id, snap).await?)
+            }
+            _ => None,
+        };
+        let lease = hydrate.as_ref().map(|h| h.record.lease_id.clone());
         let spec = CreateSpec {
             id: r.volume_id.clone(),
             name: r.name,
@@ -142,32 +148,25 @@ impl Agent for AgentService {
             access,
             fs_type: r.fs_type,
             parameters: r.parameters.into_iter().collect(),
-            image: match &source {
-                VolumeSource::Snapshot(snap) => self.snapshots.fast_image(snap).await,
-                _ => None,
-            },
+            image,
+            hydrate,
             source,
         };
         if spec.image.is_some() {
             tracing::info!(volume.id = %spec.id, "restoring by cloning the fast-restore image");
         }
-        let v = self.manager.create(&spec).await?;
-        if let Some(snap) = &v.restoring {
-            let handle = self.snapshots.start_restore(&r.volume_id, snap);
-            match handle.wait(RESTORE_WAIT).await {
-                Some(Ok(())) => {}
-                Some(Err((message, true))) => return Err(Status::data_loss(message)),
-                Some(Err((message, false))) => return Err(Status::unavailable(message)),
-                None => {
-                    let (done, total) = handle.progress();
-                    return Err(SnapshotError::Restoring {
-                        volume_id: r.volume_id.clone(),
-                        done,
-                        total,
-                    }
-                    .into());
+        let v = match self.manager.create(&spec).await {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(lease) = &lease {
+                    self.snapshots.drop_lease(lease).await;
                 }
+                return Err(e.into());
             }
+        };
+        if v.restoring.is_some() {
+            // Usable at once: the hydrator serves the data while it arrives.
+            self.hydrators.ensure_running(&r.volume_id).await?;
             return Ok(Response::new(self.volume(&self.manager.get(&r.volume_id)?)));
         }
         Ok(Response::new(self.volume(&v)))
@@ -181,8 +180,15 @@ impl Agent for AgentService {
         let id = req.into_inner().volume_id;
         id_ok(&id)?;
         let _t = self.guard.acquire(&id)?;
-        self.snapshots.cancel_restore(&id).await;
+        if !self.manager.loops(&id)?.is_empty() {
+            // Refused below with the details; the hydrator must keep serving meanwhile.
+            self.manager.delete(&id).await?;
+        }
+        let lease = self.hydrators.abandon(&id).await?;
         self.manager.delete(&id).await?;
+        if let Some(lease) = lease {
+            self.snapshots.drop_lease(&lease).await;
+        }
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 

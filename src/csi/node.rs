@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::op_guard::OpGuard;
 use super::status::invalid;
 use super::validate;
+use crate::hydrate::supervise::Hydrators;
 use crate::proto::csi as pb;
 use crate::proto::csi::node_server::Node;
 use crate::proto::csi::node_service_capability::rpc::Type as Rpc;
@@ -17,6 +18,8 @@ use crate::volume::VolumeManager;
 pub struct NodeService {
     /// This node's volumes.
     pub manager: Arc<VolumeManager>,
+    /// Lazy restores: a hydrating volume is staged on its hydrator's file.
+    pub hydrators: Arc<Hydrators>,
     /// Shared with the agent service.
     pub guard: OpGuard,
     /// The node's zone.
@@ -31,6 +34,7 @@ impl NodeService {
         let staging = validate::path("staging_target_path", &r.staging_target_path)?;
         let (spec, _) = validate::stage_spec(r.volume_capability.as_ref())?;
         let _t = self.guard.acquire(id)?;
+        self.hydrators.prepare_stage(id).await?;
         self.manager.stage(id, &staging, &spec).await?;
         Ok(pb::NodeStageVolumeResponse {})
     }

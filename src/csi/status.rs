@@ -77,7 +77,6 @@ impl From<SnapshotError> for Status {
                 RestoreError::Cancelled => Code::Aborted,
             },
             // In progress: the CO repeats the call.
-            SnapshotError::Restoring { .. } => Code::Aborted,
         };
         Status::new(code, e.to_string())
     }

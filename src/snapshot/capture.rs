@@ -22,10 +22,34 @@ pub async fn clone_file(src: &Path, dst: &Path) -> Result<bool, SysError> {
 /// duration of the clone (and always thawed, also when the clone fails). Returns whether the
 /// clone is a reflink (shares the source's blocks).
 pub async fn capture(data: &Path, clone: &Path, mount: Option<&Path>) -> Result<bool, SysError> {
+    capture_with(data, clone, mount, &[]).await
+}
+
+/// [`capture`], also copying each `(from, to)` of `also` at the captured instant (after the
+/// freeze, before the clone): state that describes the image, such as a hydration map.
+pub async fn capture_with(
+    data: &Path,
+    clone: &Path,
+    mount: Option<&Path>,
+    also: &[(std::path::PathBuf, std::path::PathBuf)],
+) -> Result<bool, SysError> {
     if let Some(m) = mount {
         sys::run("fsfreeze", &["--freeze", &m.to_string_lossy()]).await?;
     }
-    let cloned = clone_file(data, clone).await;
+    let mut copied = Ok(());
+    for (from, to) in also {
+        if let Err(e) = std::fs::copy(from, to) {
+            copied = Err(SysError {
+                command: format!("copy {} at capture", from.display()),
+                message: e.to_string(),
+            });
+            break;
+        }
+    }
+    let cloned = match copied {
+        Ok(()) => clone_file(data, clone).await,
+        Err(e) => Err(e),
+    };
     if let Some(m) = mount {
         let thawed = sys::run("fsfreeze", &["--unfreeze", &m.to_string_lossy()]).await;
         if let Err(e) = &thawed {

@@ -22,10 +22,11 @@ use tokio_util::sync::CancellationToken;
 use super::manifest::{self, read_manifest};
 use super::restore::{self, RestoreError};
 use super::upload::{self, now_ms, Progress, UploadError, UploadSpec};
+use crate::hydrate::HydrateRecord;
 use crate::proto::agent::SnapshotStatus;
-use crate::proto::store::Manifest;
+use crate::proto::store::{Lease, Manifest};
 use crate::store::Store;
-use crate::volume::{record, Access, LineageRecord, VolumeManager};
+use crate::volume::{record, Access, HydrateSeed, LineageRecord, VolumeManager};
 
 const PENDING_RECORD: &str = "pending-snapshot";
 
@@ -61,16 +62,6 @@ pub enum SnapshotError {
     /// A restore failed for good (data missing or corrupt).
     #[error(transparent)]
     Restore(#[from] RestoreError),
-    /// A restore is still running.
-    #[error("volume {volume_id} is being restored: {done} of {total} chunks")]
-    Restoring {
-        /// The volume.
-        volume_id: String,
-        /// Chunks written.
-        done: u64,
-        /// Chunks in all.
-        total: u64,
-    },
 }
 
 #[derive(Debug)]
@@ -88,16 +79,6 @@ struct Job {
     done: tokio::sync::Notify,
 }
 
-#[derive(Debug)]
-struct RestoreJob {
-    progress: Progress,
-    /// `None` while running, then the outcome (errors as text, `Some(Ok)` when done).
-    outcome: Mutex<Option<Result<(), String>>>,
-    permanent: Mutex<bool>,
-    cancel: CancellationToken,
-    done: tokio::sync::Notify,
-}
-
 /// Node-side snapshot service.
 #[derive(Debug)]
 pub struct NodeSnapshots {
@@ -109,8 +90,6 @@ pub struct NodeSnapshots {
     concurrency: usize,
     /// Uploads in progress or failed, by snapshot id.
     jobs: Mutex<HashMap<String, Arc<Job>>>,
-    /// Restores in progress or failed, by volume id.
-    restores: Mutex<HashMap<String, Arc<RestoreJob>>>,
     /// Where uploads and restores are counted.
     metrics: Arc<crate::telemetry::Metrics>,
     /// Fast-restore images being hydrated, by snapshot id.
@@ -138,7 +117,6 @@ impl NodeSnapshots {
             chunk_size,
             concurrency,
             jobs: Mutex::default(),
-            restores: Mutex::default(),
             metrics,
             fsr_jobs: Mutex::default(),
         })
@@ -152,7 +130,8 @@ impl NodeSnapshots {
         upload::pending_dir(self.manager.root(), snapshot_id)
     }
 
-    /// Restarts uploads and restores interrupted by a restart of the agent.
+    /// Restarts uploads interrupted by a restart of the agent (hydrations resume on their own, see
+    /// [`crate::hydrate::supervise`]).
     pub fn resume(self: &Arc<Self>) {
         let dir = self.manager.root().join("snapshots");
         if let Ok(rd) = std::fs::read_dir(&dir) {
@@ -170,14 +149,6 @@ impl NodeSnapshots {
                     Err(err) => {
                         tracing::error!(path = %rec.display(), error = %err, "unreadable pending snapshot")
                     }
-                }
-            }
-        }
-        if let Ok(volumes) = self.manager.list() {
-            for v in volumes {
-                if let Some(snap) = v.restoring {
-                    tracing::info!(volume.id = %v.record.id, snapshot.id = %snap, "resuming restore");
-                    self.start_restore(&v.record.id, &snap);
                 }
             }
         }
@@ -250,13 +221,6 @@ impl NodeSnapshots {
             return Ok(Self::committed_status(&m));
         }
         let v = self.manager.get(volume_id)?;
-        if let Some(snap) = &v.restoring {
-            return Err(crate::volume::Error::Unavailable {
-                volume_id: volume_id.into(),
-                reason: format!("still being restored from {snap}"),
-            }
-            .into());
-        }
         let lineage = self.manager.lineage(volume_id)?.unwrap_or_else(|| LineageRecord {
             lineage: format!("lin-{}", uuid::Uuid::new_v4()),
             last_snapshot_id: String::new(),
@@ -275,8 +239,26 @@ impl NodeSnapshots {
             .clone()
             .filter(|_| v.record.access == Access::Mount);
         let capture_unix_ms = now_ms();
-        let reflinked =
-            super::capture::capture(&self.manager.data_path(volume_id)?, &clone, mount.as_deref()).await?;
+        // A volume still hydrating: its chunk map at the captured instant tells which chunks are
+        // still the restored snapshot's (taken from it without reading) and which were written.
+        let hp = crate::hydrate::Paths::new(&self.manager.volume_dir(volume_id)?);
+        let hydrating = hp.hydrating().then(|| dir.join("hydrating"));
+        let mut also = Vec::new();
+        if let Some(h) = &hydrating {
+            std::fs::create_dir_all(h).map_err(|source| crate::volume::Error::Io {
+                context: format!("create {}", h.display()),
+                source,
+            })?;
+            also.push((hp.map(), h.join("hydrate.map")));
+            also.push((hp.manifest(), h.join("hydrate.manifest")));
+        }
+        let reflinked = super::capture::capture_with(
+            &self.manager.data_path(volume_id)?,
+            &clone,
+            mount.as_deref(),
+            &also,
+        )
+        .await?;
         // The kept image of the parent, if this capture can be compared with it by extents.
         let base = match self.manager.base(volume_id)? {
             Some((path, snap)) if reflinked && snap == lineage.last_snapshot_id => {
@@ -298,6 +280,7 @@ impl NodeSnapshots {
             tags,
             reflinked,
             base,
+            hydrating,
         };
         // Only now is the snapshot promised: the record makes a restart resume it.
         record::write(&dir.join("pending.rec"), PENDING_RECORD, &spec).map_err(crate::volume::Error::from)?;
@@ -425,113 +408,63 @@ impl NodeSnapshots {
         Ok(())
     }
 
-    /// Starts (or restarts after a failure) the restore of `volume_id` from `snapshot_id`.
-    pub fn start_restore(self: &Arc<Self>, volume_id: &str, snapshot_id: &str) -> Arc<RestoreJobHandle> {
-        let mut restores = self.restores.lock().expect("restores");
-        if let Some(j) = restores.get(volume_id) {
-            let failed_retryable = matches!(&*j.outcome.lock().expect("outcome"), Some(Err(_)))
-                && !*j.permanent.lock().expect("perm");
-            if !failed_retryable {
-                return Arc::new(RestoreJobHandle(j.clone()));
-            }
+    /// Prepares a lazy restore of `volume_id` from `snapshot_id`: a lease protects the snapshot's
+    /// chunks from here until the hydration completes (or the volume is deleted), and the
+    /// manifest is kept with the volume so a snapshot deleted meanwhile cannot stop it.
+    pub async fn hydrate_seed(
+        &self,
+        volume_id: &str,
+        snapshot_id: &str,
+    ) -> Result<HydrateSeed, SnapshotError> {
+        let store = self.store()?;
+        let not_found = || SnapshotError::NotFound {
+            snapshot_id: snapshot_id.to_owned(),
+        };
+        let m = read_manifest(store, snapshot_id).await?.ok_or_else(not_found)?;
+        let lease_id = format!("restore-{volume_id}");
+        manifest::write_lease(
+            store,
+            &Lease {
+                id: lease_id.clone(),
+                snapshot_id: snapshot_id.to_owned(),
+                hashes: m.chunks.iter().map(|c| c.hash.clone()).collect(),
+                created_unix_ms: now_ms(),
+            },
+        )
+        .await
+        .map_err(manifest::ManifestError::from)?;
+        // A delete that ran between the read and the lease: its GC may not have seen the lease.
+        if !store
+            .exists(&manifest::manifest_key(snapshot_id))
+            .await
+            .map_err(manifest::ManifestError::from)?
+        {
+            self.drop_lease(&lease_id).await;
+            return Err(not_found());
         }
-        let job = Arc::new(RestoreJob {
-            progress: Progress::default(),
-            outcome: Mutex::new(None),
-            permanent: Mutex::new(false),
-            cancel: CancellationToken::new(),
-            done: tokio::sync::Notify::new(),
-        });
-        restores.insert(volume_id.to_owned(), job.clone());
-        let (me, j, vol, snap) = (
-            self.clone(),
-            job.clone(),
-            volume_id.to_owned(),
-            snapshot_id.to_owned(),
-        );
-        tokio::spawn(async move { me.run_restore(j, vol, snap).await });
-        Arc::new(RestoreJobHandle(job))
-    }
-
-    async fn run_restore(self: Arc<Self>, job: Arc<RestoreJob>, volume_id: String, snapshot_id: String) {
-        let started = std::time::Instant::now();
-        let outcome = async {
-            let store = self.store()?.clone();
-            let m = read_manifest(&store, &snapshot_id)
-                .await?
-                .ok_or_else(|| SnapshotError::NotFound {
-                    snapshot_id: snapshot_id.clone(),
-                })?;
-            let target = self.manager.data_path(&volume_id)?;
-            restore::restore(
-                &store,
-                &m,
-                &target,
-                &format!("restore-{volume_id}"),
-                false,
-                &job.progress,
-                self.concurrency,
-                &job.cancel,
-            )
-            .await?;
-            self.manager.finish_restore(
-                &volume_id,
-                &LineageRecord {
+        Ok(HydrateSeed {
+            record: HydrateRecord {
+                snapshot_id: snapshot_id.to_owned(),
+                lease_id,
+                lineage: LineageRecord {
                     lineage: m.lineage.clone(),
                     last_snapshot_id: m.snapshot_id.clone(),
                     last_capture_unix_ms: m.capture_unix_ms,
                     chunk_size: m.chunk_size,
                 },
-            )?;
-            Ok::<_, SnapshotError>(())
-        }
-        .await;
-        let fetched = job.progress.bytes_read.load(Ordering::Relaxed);
-        let cancelled = matches!(&outcome, Err(SnapshotError::Restore(RestoreError::Cancelled)));
-        if !cancelled {
-            self.metrics
-                .snapshot
-                .restored(outcome.is_ok(), fetched, started.elapsed().as_secs_f64());
-        }
-        match &outcome {
-            Ok(()) => tracing::info!(volume.id = %volume_id, snapshot.id = %snapshot_id, "volume restored"),
-            Err(e) => {
-                let permanent = matches!(
-                    e,
-                    SnapshotError::NotFound { .. }
-                        | SnapshotError::Restore(RestoreError::MissingChunk { .. })
-                        | SnapshotError::Restore(RestoreError::Corrupt(_))
-                        | SnapshotError::Restore(RestoreError::SnapshotGone { .. })
-                );
-                *job.permanent.lock().expect("perm") = permanent;
-                tracing::error!(volume.id = %volume_id, snapshot.id = %snapshot_id, error = %e, permanent, "restore failed");
-            }
-        }
-        *job.outcome.lock().expect("outcome") = Some(outcome.map_err(|e| e.to_string()));
-        job.done.notify_waiters();
-    }
-
-    /// Cancels a restore (the volume is being deleted).
-    pub async fn cancel_restore(&self, volume_id: &str) {
-        let job = self.restores.lock().expect("restores").remove(volume_id);
-        if let Some(job) = job {
-            let notified = job.done.notified();
-            job.cancel.cancel();
-            if job.outcome.lock().expect("outcome").is_none() {
-                let _ = tokio::time::timeout(Duration::from_secs(30), notified).await;
-            }
-        }
-    }
-
-    /// Progress of a volume's restore: (done, total) chunks.
-    pub fn restore_progress(&self, volume_id: &str) -> Option<(u64, u64)> {
-        let r = self.restores.lock().expect("restores");
-        r.get(volume_id).map(|j| {
-            (
-                j.progress.done.load(Ordering::Relaxed),
-                j.progress.total.load(Ordering::Relaxed),
-            )
+            },
+            manifest: manifest::encode_manifest(&m).to_vec(),
+            map: crate::hydrate::engine::initial_map(&m),
         })
+    }
+
+    /// Drops a restore lease (the volume is gone); a failure only delays garbage collection.
+    pub async fn drop_lease(&self, lease_id: &str) {
+        if let Some(store) = &self.store {
+            if let Err(e) = store.delete(&manifest::lease_key(lease_id)).await {
+                tracing::warn!(lease = %lease_id, error = %e, "could not remove restore lease");
+            }
+        }
     }
 }
 
@@ -723,34 +656,5 @@ impl NodeSnapshots {
             let _ = std::fs::remove_file(&tmp);
             me.fsr_jobs.lock().expect("fsr jobs").remove(&snap);
         });
-    }
-}
-
-/// A handle on a restore to wait for.
-#[derive(Debug)]
-pub struct RestoreJobHandle(Arc<RestoreJob>);
-
-impl RestoreJobHandle {
-    /// Waits up to `limit` for the restore to finish: `Some(outcome)` when it did.
-    pub async fn wait(&self, limit: Duration) -> Option<Result<(), (String, bool)>> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = self.0.done.notified();
-            if let Some(o) = self.0.outcome.lock().expect("outcome").clone() {
-                let permanent = *self.0.permanent.lock().expect("perm");
-                return Some(o.map_err(|e| (e, permanent)));
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return None;
-            }
-        }
-    }
-
-    /// (done, total) chunks.
-    pub fn progress(&self) -> (u64, u64) {
-        (
-            self.0.progress.done.load(Ordering::Relaxed),
-            self.0.progress.total.load(Ordering::Relaxed),
-        )
     }
 }

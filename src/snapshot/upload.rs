@@ -53,6 +53,11 @@ pub struct UploadSpec {
     /// unchanged against it are taken from the parent without being read.
     #[serde(default)]
     pub base: Option<PathBuf>,
+    /// The source volume was hydrating: a directory holding its `hydrate.manifest` and
+    /// `hydrate.map` as of the capture. Chunks not written since the restore are the restored
+    /// snapshot's (and may be absent from the image): taken from its manifest, never read.
+    #[serde(default)]
+    pub hydrating: Option<PathBuf>,
 }
 
 /// Live progress, shared with status queries and metrics.
@@ -130,6 +135,48 @@ fn overlaps(ranges: &[(u64, u64)], off: u64, len: u64) -> bool {
     i < ranges.len() && ranges[i].0 < off + len
 }
 
+/// Chunks of a hydrating volume still holding the restored snapshot's data.
+#[derive(Debug, Default)]
+struct RestoredChunks {
+    /// Index -> (hash, stored size) of the restored snapshot.
+    known: HashMap<u64, (Hash, u32)>,
+    /// Zero in the restored snapshot and not written since.
+    zero: HashSet<u64>,
+}
+
+fn restored_chunks(dir: &Path, chunk_size: u32) -> Result<RestoredChunks, UploadError> {
+    let io = |what: &str| {
+        let context = format!("read {} of the hydrating volume", dir.join(what).display());
+        move |source| UploadError::Io { context, source }
+    };
+    let m = manifest::decode_manifest(
+        "hydrate.manifest",
+        &std::fs::read(dir.join("hydrate.manifest")).map_err(io("hydrate.manifest"))?,
+    )?;
+    let map = std::fs::read(dir.join("hydrate.map")).map_err(io("hydrate.map"))?;
+    if m.chunk_size != chunk_size {
+        // Another lineage's chunking: nothing can be matched by index.
+        return Ok(RestoredChunks::default());
+    }
+    let mut out = RestoredChunks::default();
+    let mut in_manifest = HashSet::new();
+    for c in &m.chunks {
+        in_manifest.insert(c.index);
+        let unwritten = map
+            .get(c.index as usize)
+            .is_some_and(|&s| s != crate::hydrate::state::WRITTEN);
+        if let (true, Ok(h)) = (unwritten, <Hash>::try_from(c.hash.as_slice())) {
+            out.known.insert(c.index, (h, c.stored_size));
+        }
+    }
+    for (i, &s) in map.iter().enumerate() {
+        if s != crate::hydrate::state::WRITTEN && !in_manifest.contains(&(i as u64)) {
+            out.zero.insert(i as u64);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the progress log: index -> (hash, stored size, reused).
 fn load_progress(path: &Path) -> HashMap<u64, (Hash, u32)> {
     let Ok(text) = std::fs::read_to_string(path) else {
@@ -173,8 +220,13 @@ pub async fn upload(
     // A resumed upload keeps relying on the chunks its progress log records (some reused from a
     // parent that may be gone by now): the new lease must go on protecting them.
     let done = Arc::new(load_progress(progress_log));
+    let restored = Arc::new(match &spec.hydrating {
+        Some(dir) => restored_chunks(dir, spec.chunk_size)?,
+        None => RestoredChunks::default(),
+    });
     let mut leased: HashSet<Hash> = parent_chunks.keys().copied().collect();
     leased.extend(done.values().map(|(h, _)| *h));
+    leased.extend(restored.known.values().map(|(h, _)| *h));
     manifest::write_lease(
         store,
         &Lease {
@@ -246,6 +298,7 @@ pub async fn upload(
             let (file, ranges, parent_chunks, done) =
                 (file.clone(), ranges.clone(), parent_chunks.clone(), done.clone());
             let (unchanged, parent_index) = (unchanged.clone(), parent_index.clone());
+            let restored = restored.clone();
             async move {
                 if cancel.is_cancelled() {
                     return Err(UploadError::Cancelled);
@@ -262,6 +315,18 @@ pub async fn upload(
                 }
                 let off = index * cs;
                 let len = cs.min(size - off);
+                if let Some(&(hash, stored)) = restored.known.get(&index) {
+                    return Ok(Outcome::Known {
+                        index,
+                        hash,
+                        stored,
+                        reused: true,
+                        raw_len: len,
+                    });
+                }
+                if restored.zero.contains(&index) {
+                    return Ok(Outcome::Zero);
+                }
                 if unchanged.contains(&index) {
                     return Ok(match parent_index.get(&index) {
                         Some(&(hash, stored)) => Outcome::Known {

@@ -39,6 +39,54 @@ pub mod names {
     pub const RESTORE_SECONDS: &str = "strata_restore_seconds";
     /// Store operations retried after a transient error.
     pub const STORE_RETRIES: &str = "strata_store_retries";
+    /// Volumes hydrating now.
+    pub const HYDRATING_VOLUMES: &str = "strata_hydrating_volumes";
+    /// Chunks still to fetch, over all hydrating volumes.
+    pub const HYDRATION_CHUNKS_PENDING: &str = "strata_hydration_pending_chunks";
+    /// Chunks local / in all, per hydrating volume.
+    pub const HYDRATION_CHUNKS_LOCAL: &str = "strata_hydration_local_chunks";
+    /// Chunks of the snapshot, per hydrating volume.
+    pub const HYDRATION_CHUNKS_TOTAL: &str = "strata_hydration_total_chunks";
+    /// Chunks fetched ahead of the background queue because a read or write needed them.
+    pub const HYDRATION_ON_DEMAND: &str = "strata_hydration_on_demand_chunks";
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    volume: String,
+}
+
+/// Gauges of lazy hydration (fed by the agent from the hydrators' status files).
+#[derive(Clone, Debug, Default)]
+pub struct HydrationMetrics {
+    /// Volumes hydrating.
+    pub volumes: prometheus_client::metrics::gauge::Gauge,
+    /// Chunks still to fetch.
+    pub chunks_pending: prometheus_client::metrics::gauge::Gauge,
+    local: Family<VolumeLabels, prometheus_client::metrics::gauge::Gauge>,
+    total: Family<VolumeLabels, prometheus_client::metrics::gauge::Gauge>,
+    /// Chunks fetched on demand, counted when a hydration completes.
+    pub on_demand: Counter,
+}
+
+impl HydrationMetrics {
+    /// Sets a volume's progress.
+    pub fn progress(&self, volume: &str, local: u64, total: u64) {
+        let l = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        self.local.get_or_create(&l).set(local as i64);
+        self.total.get_or_create(&l).set(total as i64);
+    }
+
+    /// Drops a volume that no longer hydrates.
+    pub fn forget(&self, volume: &str) {
+        let l = VolumeLabels {
+            volume: volume.to_owned(),
+        };
+        self.local.remove(&l);
+        self.total.remove(&l);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +113,8 @@ pub struct Metrics {
     latency: Family<MethodLabels, Histogram>,
     /// Snapshot engine counters, public so the node's snapshot service can feed them.
     pub snapshot: SnapshotMetrics,
+    /// Lazy hydration gauges, fed by the node's hydrator supervision.
+    pub hydration: HydrationMetrics,
     store_retries: Counter,
 }
 
@@ -223,6 +273,33 @@ impl Default for Metrics {
             "Restore duration, seconds",
             m.restore_seconds.clone(),
         );
+        let hydration = HydrationMetrics::default();
+        let h = &hydration;
+        registry.register(
+            names::HYDRATING_VOLUMES,
+            "Volumes hydrating now",
+            h.volumes.clone(),
+        );
+        registry.register(
+            names::HYDRATION_CHUNKS_PENDING,
+            "Chunks still to fetch over all hydrating volumes",
+            h.chunks_pending.clone(),
+        );
+        registry.register(
+            names::HYDRATION_CHUNKS_LOCAL,
+            "Chunks already local, per hydrating volume",
+            h.local.clone(),
+        );
+        registry.register(
+            names::HYDRATION_CHUNKS_TOTAL,
+            "Chunks of the snapshot, per hydrating volume",
+            h.total.clone(),
+        );
+        registry.register(
+            names::HYDRATION_ON_DEMAND,
+            "Chunks fetched ahead of the background queue for a read or write (counted at completion)",
+            h.on_demand.clone(),
+        );
         let store_retries = Counter::default();
         registry.register(
             names::STORE_RETRIES,
@@ -234,6 +311,7 @@ impl Default for Metrics {
             requests,
             latency,
             snapshot,
+            hydration,
             store_retries,
         }
     }

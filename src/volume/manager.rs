@@ -148,13 +148,6 @@ pub struct LineageRecord {
     pub chunk_size: u32,
 }
 
-/// Present while a volume's data is being restored from a snapshot.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RestoreRecord {
-    /// The snapshot being restored.
-    pub snapshot_id: String,
-}
-
 /// Which snapshot the kept base image belongs to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct BaseRecord {
@@ -164,7 +157,6 @@ struct BaseRecord {
 
 const BASE_RECORD: &str = "base";
 const LINEAGE_RECORD: &str = "lineage";
-const RESTORE_RECORD: &str = "restore";
 
 /// What is persisted while a volume is staged; the kernel state is the truth, this records the
 /// caller's intent (so a second stage elsewhere is refused and unstage knows what to undo).
@@ -196,6 +188,19 @@ pub struct CreateSpec {
     /// For a snapshot source: a fully hydrated local image of it (fast restore) and the lineage
     /// the volume continues; the volume is then a clone of the image, with nothing to restore.
     pub image: Option<(PathBuf, LineageRecord)>,
+    /// For a snapshot source without an image: what the volume hydrates from.
+    pub hydrate: Option<HydrateSeed>,
+}
+
+/// The files a lazily restored volume starts with (see [`crate::hydrate`]).
+#[derive(Debug, Clone)]
+pub struct HydrateSeed {
+    /// `hydrate.rec`.
+    pub record: crate::hydrate::HydrateRecord,
+    /// The snapshot's manifest, encoded.
+    pub manifest: Vec<u8>,
+    /// The initial chunk map.
+    pub map: Vec<u8>,
 }
 
 /// Initial content of a new volume.
@@ -204,7 +209,7 @@ pub enum VolumeSource {
     /// Empty (sparse zeros).
     #[default]
     Empty,
-    /// Restored from a snapshot, after creation, by the snapshot service.
+    /// Restored from a snapshot: cloned from a fast-restore image, or hydrated lazily.
     Snapshot(String),
     /// Cloned from a volume on this node, during creation.
     Volume(String),
@@ -239,8 +244,10 @@ pub struct VolumeState {
     pub published: Vec<PathBuf>,
     /// `Some(reason)` when the volume is abnormal.
     pub abnormal: Option<String>,
-    /// Set while the volume's data is being restored from this snapshot.
+    /// Set while the volume hydrates from this snapshot.
     pub restoring: Option<String>,
+    /// While hydrating: the hydrator's progress.
+    pub hydration: Option<crate::hydrate::HydrateStatus>,
 }
 
 /// Usage of a published or staged volume path.
@@ -325,6 +332,19 @@ impl VolumeManager {
     /// The volume limit.
     pub fn max_volumes(&self) -> u32 {
         self.max_volumes
+    }
+
+    /// A volume's directory.
+    pub fn volume_dir(&self, id: &str) -> Result<PathBuf, Error> {
+        self.dir(id)
+    }
+
+    /// Loop devices on the volume's data: the plain file, or the hydrator's file while hydrating.
+    pub fn loops(&self, id: &str) -> Result<Vec<sys::LoopDevice>, Error> {
+        let p = crate::hydrate::Paths::new(&self.dir(id)?);
+        let mut loops = sys::loops_for(&p.data());
+        loops.extend(sys::loops_for(&p.lazy_data()));
+        Ok(loops)
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf, Error> {
@@ -494,11 +514,22 @@ impl VolumeManager {
                 record::write(&tmp.join("lineage.rec"), LINEAGE_RECORD, l)?;
             }
         }
-        if let (VolumeSource::Snapshot(snapshot_id), None) = (&spec.source, &spec.image) {
-            let r = RestoreRecord {
-                snapshot_id: snapshot_id.clone(),
-            };
-            record::write(&tmp.join("restore.rec"), RESTORE_RECORD, &r)?;
+        if let (VolumeSource::Snapshot(_), None, Some(seed)) = (&spec.source, &spec.image, &spec.hydrate) {
+            let p = crate::hydrate::Paths::new(&tmp);
+            let written = std::fs::write(p.manifest(), &seed.manifest)
+                .and_then(|_| std::fs::write(p.map(), &seed.map))
+                .map_err(io("write hydration files"))
+                .and_then(|_| {
+                    Ok(record::write(
+                        &p.record(),
+                        crate::hydrate::HYDRATE_RECORD,
+                        &seed.record,
+                    )?)
+                });
+            if let Err(e) = written {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
         }
         let result = tokio::task::spawn_blocking(move || -> Result<(), Error> {
             let f = std::fs::OpenOptions::new()
@@ -531,7 +562,7 @@ impl VolumeManager {
         if !dir.exists() {
             return Ok(());
         }
-        let loops = sys::loops_for(&dir.join("data.img"));
+        let loops = self.loops(id)?;
         if !loops.is_empty() {
             let names: Vec<_> = loops.iter().map(|l| l.name.as_str()).collect();
             return Err(Error::FailedPrecondition {
@@ -583,7 +614,9 @@ impl VolumeManager {
     fn state_with(&self, record: VolumeRecord, mounts: &[sys::MountEntry]) -> Result<VolumeState, Error> {
         let data = self.data_path(&record.id)?;
         let stage = self.read_stage(&record.id)?;
-        let loops = sys::loops_for(&data);
+        let loops = self.loops(&record.id)?;
+        let hp = crate::hydrate::Paths::new(&self.dir(&record.id)?);
+        let hydration = hp.hydrating().then(|| hp.read_status().unwrap_or_default());
         let device = loops.iter().find(|l| !l.read_only).cloned();
         let dev_nums: Vec<(u32, u32)> = loops.iter().filter_map(sys::loop_dev_numbers).collect();
         let loop_roots: Vec<String> = loops.iter().map(|l| format!("/{}", l.name)).collect();
@@ -619,9 +652,24 @@ impl VolumeManager {
                 _ => None,
             },
         };
-        let restoring =
-            record::read::<RestoreRecord>(&self.dir(&record.id)?.join("restore.rec"), RESTORE_RECORD)?
-                .map(|r| r.snapshot_id);
+        let hydrator_gone = hydration.is_some()
+            && !sys::loops_for(&hp.lazy_data()).is_empty()
+            && std::fs::metadata(hp.lazy_data()).is_err();
+        let abnormal = abnormal.or_else(|| match &hydration {
+            _ if hydrator_gone => Some(
+                "its hydrator stopped while the volume was attached: I/O fails until it is unstaged and staged again"
+                    .into(),
+            ),
+            Some(h) if h.permanent => Some(format!("hydration cannot complete: {}", h.error)),
+            _ => None,
+        });
+        let restoring = hydration.as_ref().map(|_| {
+            record::read::<crate::hydrate::HydrateRecord>(&hp.record(), crate::hydrate::HYDRATE_RECORD)
+                .ok()
+                .flatten()
+                .map(|r| r.snapshot_id)
+                .unwrap_or_default()
+        });
         Ok(VolumeState {
             allocated_bytes: allocated(&data),
             record,
@@ -630,6 +678,7 @@ impl VolumeManager {
             published,
             abnormal,
             restoring,
+            hydration,
         })
     }
 
@@ -666,7 +715,7 @@ impl VolumeManager {
         tokio::task::spawn_blocking(move || record::write(&dir.join("volume.rec"), VOLUME_RECORD, &rec2))
             .await
             .expect("record task panicked")?;
-        for l in sys::loops_for(&data) {
+        for l in self.loops(id)? {
             sys::loop_refresh(&l).await?;
         }
         tracing::info!(volume.id = %id, capacity = capacity_bytes, "volume expanded");
@@ -689,13 +738,13 @@ impl VolumeManager {
     /// Attaches the volume and, for mount access, makes (first time) and mounts its filesystem.
     pub async fn stage(&self, id: &str, staging_path: &Path, spec: &StageSpec) -> Result<VolumeState, Error> {
         let rec = self.read_record(id)?;
-        if let Some(snap) = self.get(id)?.restoring {
-            return Err(Error::Unavailable {
-                volume_id: id.to_owned(),
-                reason: format!("still being restored from {snap}"),
-            });
-        }
-        let data = self.data_path(id)?;
+        // While hydrating, the loop device uses the hydrator's file (the caller started it).
+        let hp = crate::hydrate::Paths::new(&self.dir(id)?);
+        let data = if hp.hydrating() {
+            hp.lazy_data()
+        } else {
+            self.data_path(id)?
+        };
         let (access, fs_type, mount_flags) = match spec {
             StageSpec::Block => (Access::Block, String::new(), Vec::new()),
             StageSpec::Mount { fs_type, mount_flags } => {
@@ -723,7 +772,7 @@ impl VolumeManager {
             fs_type,
             mount_flags,
         };
-        let existing_dev = sys::loops_for(&data).into_iter().find(|l| !l.read_only);
+        let existing_dev = self.loops(id)?.into_iter().find(|l| !l.read_only);
         if let (Some(prev), Some(_)) = (self.read_stage(id)?, &existing_dev) {
             if prev.staging_path != wanted.staging_path {
                 return Err(Error::AlreadyExists {
@@ -822,10 +871,9 @@ impl VolumeManager {
                 sys::unmount_all(staging_path).await?;
             }
         }
-        let data = self.data_path(id)?;
         // A device already going away may refuse a second detach; what counts is that it goes.
         let mut detach_error = None;
-        for l in sys::loops_for(&data) {
+        for l in self.loops(id)? {
             if let Err(e) = sys::loop_detach(&l).await {
                 detach_error = Some(e);
             }
@@ -833,7 +881,7 @@ impl VolumeManager {
         // A device something still holds open (udev probing it, say) is only marked for removal
         // and goes when the last opener closes: unstage is done once it is really gone.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !sys::loops_for(&data).is_empty() {
+        while !self.loops(id)?.is_empty() {
             if tokio::time::Instant::now() > deadline {
                 if let Some(e) = detach_error {
                     return Err(e.into());
@@ -938,9 +986,8 @@ impl VolumeManager {
     /// Undoes publish and removes the target. OK when not published.
     pub async fn unpublish(&self, id: &str, target: &Path) -> Result<(), Error> {
         self.read_record(id)?;
-        let data = self.data_path(id)?;
-        let ro_loop =
-            sys::loop_of_device_node(target).filter(|l| l.read_only && sys::loops_for(&data).contains(l));
+        let loops = self.loops(id)?;
+        let ro_loop = sys::loop_of_device_node(target).filter(|l| l.read_only && loops.contains(l));
         sys::unmount_all(target).await?;
         if let Some(l) = ro_loop {
             sys::loop_detach(&l).await?;
@@ -1018,7 +1065,16 @@ impl VolumeManager {
 impl VolumeManager {
     /// The volume's lineage, if it has had a snapshot or came from one.
     pub fn lineage(&self, id: &str) -> Result<Option<LineageRecord>, Error> {
-        Ok(record::read(&self.dir(id)?.join("lineage.rec"), LINEAGE_RECORD)?)
+        let dir = self.dir(id)?;
+        if let Some(l) = record::read(&dir.join("lineage.rec"), LINEAGE_RECORD)? {
+            return Ok(Some(l));
+        }
+        // While hydrating, the volume continues the lineage of the snapshot it comes from.
+        let p = crate::hydrate::Paths::new(&dir);
+        Ok(
+            record::read::<crate::hydrate::HydrateRecord>(&p.record(), crate::hydrate::HYDRATE_RECORD)?
+                .map(|h| h.lineage),
+        )
     }
 
     /// Records a committed snapshot of the volume as the parent of its next one, unless a newer
@@ -1079,15 +1135,32 @@ impl VolumeManager {
         Ok(record::write(&dir.join("base.rec"), BASE_RECORD, &rec)?)
     }
 
-    /// Marks a restore complete: the volume inherits the snapshot's lineage.
-    pub fn finish_restore(&self, id: &str, lineage: &LineageRecord) -> Result<(), Error> {
+    /// Marks a hydration complete: the volume inherits the snapshot's lineage and runs on its
+    /// plain file. The hydration record goes last, so a crash in between only repeats this.
+    pub fn finish_hydration(
+        &self,
+        id: &str,
+        lineage: &LineageRecord,
+        files: &[PathBuf],
+    ) -> Result<(), Error> {
         let dir = self.dir(id)?;
-        record::write(&dir.join("lineage.rec"), LINEAGE_RECORD, lineage)?;
-        match std::fs::remove_file(dir.join("restore.rec")) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("remove restore record")(e)),
+        // A snapshot taken while hydrating has already recorded a newer parent: keep it.
+        if record::read::<LineageRecord>(&dir.join("lineage.rec"), LINEAGE_RECORD)?.is_none() {
+            record::write(&dir.join("lineage.rec"), LINEAGE_RECORD, lineage)?;
         }
+        let p = crate::hydrate::Paths::new(&dir);
+        for f in files.iter().filter(|f| **f != p.record()) {
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("remove {}", f.display()))(e)),
+            }
+        }
+        let _ = std::fs::remove_dir(p.mount_point());
+        std::fs::remove_file(p.record()).map_err(io("remove hydration record"))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync volume directory"))
     }
 }
 

@@ -23,6 +23,6 @@ pub mod record;
 pub mod sys;
 
 pub use manager::{
-    Access, CreateSpec, Error, LineageRecord, StageSpec, VolumeManager, VolumeRecord, VolumeSource,
-    VolumeState, VolumeStats,
+    Access, CreateSpec, Error, HydrateSeed, LineageRecord, StageSpec, VolumeManager, VolumeRecord,
+    VolumeSource, VolumeState, VolumeStats,
 };

@@ -82,7 +82,9 @@ pub fn loops_for(backing: &Path) -> Vec<LoopDevice> {
         let Ok(file) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
             continue;
         };
-        if file.trim_end_matches('\n') == want {
+        // A FUSE file whose server died reads as unlinked ("... (deleted)"): still this file.
+        let file = file.trim_end_matches('\n');
+        if file.strip_suffix(" (deleted)").unwrap_or(file) == want {
             let read_only = std::fs::read_to_string(e.path().join("ro"))
                 .map(|s| s.trim() == "1")
                 .unwrap_or(false);

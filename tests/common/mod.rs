@@ -16,6 +16,24 @@ use strata::proto::csi::node_client::NodeClient;
 use strata::proto::csi::volume_capability::{access_mode::Mode, AccessType, BlockVolume, MountVolume};
 use tonic::transport::Channel;
 
+/// Repeats a call while it answers ABORTED, as the kubelet and the sidecars do (another operation
+/// on the volume holds it for a moment, such as the agent retiring a finished hydration).
+#[macro_export]
+macro_rules! retry_aborted {
+    ($call:expr) => {{
+        let mut tries = 0;
+        loop {
+            match $call.await {
+                Err(s) if s.code() == tonic::Code::Aborted && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                r => break r,
+            }
+        }
+    }};
+}
+
 pub const TOKEN: &str = "test-agent-token-0123456789";
 pub const BIN: &str = env!("CARGO_BIN_EXE_strata");
 
@@ -335,28 +353,47 @@ pub fn make_xfs(image: &Path, mount: &Path) {
     assert!(ok.success(), "mount xfs failed");
 }
 
-/// Unmounts everything below `dir` (deepest first) and detaches loop devices backed by files in it.
+/// Unmounts everything below `dir` (deepest first), detaches loop devices backed by files in it,
+/// and ends hydrators serving volumes in it. FUSE mounts (hydrators) go after the loop devices on
+/// them: unmounted first, a loop device's backing path would no longer be recognisable.
 pub fn cleanup_kernel_state(dir: &Path) {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = strata::volume::sys::parse_mountinfo(&info)
+    let (fuse, mut points): (Vec<_>, Vec<_>) = strata::volume::sys::parse_mountinfo(&info)
         .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for p in points {
-        let _ = Command::new("umount").arg("-l").arg(&p).status();
+        .filter(|m| m.mount_point.starts_with(dir))
+        .partition(|m| m.fs_type.starts_with("fuse"));
+    points.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
+    for m in points {
+        let _ = Command::new("umount").arg("-l").arg(&m.mount_point).status();
     }
-    if let Ok(entries) = std::fs::read_dir("/sys/block") {
-        for e in entries.flatten() {
-            if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-                if Path::new(b.trim()).starts_with(dir) {
-                    let dev = format!("/dev/{}", e.file_name().to_string_lossy());
-                    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+    let loops_in_dir = || -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir("/sys/block") {
+            for e in entries.flatten() {
+                if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                    if Path::new(b.trim()).starts_with(dir) {
+                        out.push(format!("/dev/{}", e.file_name().to_string_lossy()));
+                    }
                 }
             }
         }
+        out
+    };
+    for dev in loops_in_dir() {
+        let _ = Command::new("losetup").arg("-d").arg(dev).status();
     }
+    // A detach can be deferred while something holds the device; its FUSE file must outlive it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !loops_in_dir().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for m in fuse {
+        let _ = Command::new("umount").arg("-l").arg(&m.mount_point).status();
+    }
+    let _ = Command::new("pkill")
+        .arg("-f")
+        .arg(format!("hydrate --volume-dir {}", dir.display()))
+        .status();
 }
 
 impl Drop for TestBed {
@@ -473,20 +510,14 @@ pub async fn attach(
     target: &Path,
     cap: pb::VolumeCapability,
 ) {
-    node.node_stage_volume(stage_req(id, staging, cap.clone()))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_req(id, staging, target, cap, false))
-        .await
-        .unwrap();
+    retry_aborted!(node.node_stage_volume(stage_req(id, staging, cap.clone()))).unwrap();
+    retry_aborted!(node.node_publish_volume(publish_req(id, staging, target, cap.clone(), false))).unwrap();
 }
 
 /// NodeUnpublish then NodeUnstage.
 pub async fn detach(node: &mut NodeClient<Channel>, id: &str, staging: &Path, target: &Path) {
-    node.node_unpublish_volume(unpublish_req(id, target))
-        .await
-        .unwrap();
-    node.node_unstage_volume(unstage_req(id, staging)).await.unwrap();
+    retry_aborted!(node.node_unpublish_volume(unpublish_req(id, target))).unwrap();
+    retry_aborted!(node.node_unstage_volume(unstage_req(id, staging))).unwrap();
 }
 
 pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {

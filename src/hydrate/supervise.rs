@@ -1,0 +1,315 @@
+//! The agent's side of hydration: starting hydrators (at create, at stage, after a restart or a
+//! reboot), stopping them (delete), retiring finished ones, and progress for status and metrics.
+
+use std::collections::HashMap;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{HydrateRecord, HydrateStatus, Paths, HYDRATE_RECORD};
+use crate::csi::op_guard::OpGuard;
+use crate::telemetry::Metrics;
+use crate::volume::{record, sys, Error, VolumeManager};
+
+/// How long a new hydrator may take to serve its file.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The hydrators of one node.
+pub struct Hydrators {
+    manager: Arc<VolumeManager>,
+    store_url: Option<String>,
+    concurrency: usize,
+    bandwidth_mib: u64,
+    exe: PathBuf,
+    children: Mutex<HashMap<String, Child>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Hydrators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hydrators")
+            .field("store", &self.store_url)
+            .finish()
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("hydrate"))
+        .unwrap_or(false)
+}
+
+impl Hydrators {
+    /// Hydrators for `manager`'s volumes, fetching from the store at `store_url`.
+    pub fn new(
+        manager: Arc<VolumeManager>,
+        store_url: Option<String>,
+        concurrency: usize,
+        bandwidth_mib: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            manager,
+            store_url,
+            concurrency,
+            bandwidth_mib,
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+            children: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// Hydration paths of a volume.
+    pub fn paths(&self, id: &str) -> Result<Paths, Error> {
+        Ok(Paths::new(&self.manager.volume_dir(id)?))
+    }
+
+    /// The hydration status of a volume, while it hydrates.
+    pub fn status(&self, id: &str) -> Option<HydrateStatus> {
+        let p = self.paths(id).ok()?;
+        if !p.hydrating() {
+            return None;
+        }
+        Some(p.read_status().unwrap_or_default())
+    }
+
+    /// Whether a live hydrator serves the volume's file (a dead FUSE mount answers ENOTCONN).
+    fn serving(p: &Paths) -> bool {
+        std::fs::metadata(p.lazy_data()).is_ok()
+    }
+
+    /// Starts the volume's hydrator unless one serves it already, and waits until its file is
+    /// served. Nothing to do for a volume that is not hydrating.
+    pub async fn ensure_running(&self, id: &str) -> Result<(), Error> {
+        let p = self.paths(id)?;
+        if !p.hydrating() || Self::serving(&p) {
+            return Ok(());
+        }
+        let Some(url) = self.store_url.clone() else {
+            return Err(Error::Unavailable {
+                volume_id: id.to_owned(),
+                reason: "it is restored from a snapshot but this node has no store configured".into(),
+            });
+        };
+        let mp = p.mount_point();
+        if sys::mount_at(&mp).is_some() {
+            if !sys::loops_for(&p.lazy_data()).is_empty() {
+                return Err(Error::Unavailable {
+                    volume_id: id.to_owned(),
+                    reason: "its hydrator stopped while the volume was attached; unstage and stage it again"
+                        .into(),
+                });
+            }
+            let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.log())
+            .map_err(|source| Error::Io {
+                context: format!("open {}", p.log().display()),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| Error::Io {
+            context: "clone log handle".into(),
+            source,
+        })?;
+        let child = Command::new(&self.exe)
+            .arg("hydrate")
+            .arg("--volume-dir")
+            .arg(&p.dir)
+            .arg("--concurrency")
+            .arg(self.concurrency.to_string())
+            .arg("--bandwidth-mib")
+            .arg(self.bandwidth_mib.to_string())
+            .env("STRATA_STORE", url)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: signals meant for the agent (a restart) do not reach it.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| Error::Io {
+                context: "start the hydrator".into(),
+                source,
+            })?;
+        tracing::info!(volume.id = %id, pid = child.id(), "hydrator started");
+        self.children
+            .lock()
+            .expect("children")
+            .insert(id.to_owned(), child);
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if Self::serving(&p) {
+                return Ok(());
+            }
+            let exited = {
+                let mut children = self.children.lock().expect("children");
+                match children.get_mut(id).map(|c| c.try_wait()) {
+                    Some(Ok(Some(st))) => {
+                        children.remove(id);
+                        Some(st.to_string())
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(st) = exited {
+                let log = std::fs::read_to_string(p.log()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                return Err(Error::Unavailable {
+                    volume_id: id.to_owned(),
+                    reason: format!(
+                        "its hydrator exited ({st}): {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    ),
+                });
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Unavailable {
+                    volume_id: id.to_owned(),
+                    reason: "its hydrator did not start in time".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the volume's hydrator (unmounting its directory ends it). The caller makes sure no
+    /// loop device uses the file.
+    pub async fn stop(&self, id: &str) -> Result<(), Error> {
+        let p = self.paths(id)?;
+        let pid = p.read_status().map(|s| s.pid);
+        let mp = p.mount_point();
+        if sys::mount_at(&mp).is_some() {
+            nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH).map_err(|e| Error::Io {
+                context: format!("unmount {}", mp.display()),
+                source: std::io::Error::from(e),
+            })?;
+        }
+        let child = self.children.lock().expect("children").remove(id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        match child {
+            Some(mut c) => loop {
+                if matches!(c.try_wait(), Ok(Some(_))) || tokio::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            },
+            // A hydrator adopted after an agent restart: not our child, wait for it to go.
+            None => {
+                while pid.is_some_and(alive) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One round of supervision: resume hydrations without a hydrator, retire finished ones
+    /// whose volume is not attached, reap exited children. Volumes busy with another operation
+    /// are left for the next round.
+    pub async fn tick(&self, guard: &OpGuard) {
+        let ids = match self.manager.ids() {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list volumes");
+                return;
+            }
+        };
+        let (mut active, mut pending) = (0i64, 0i64);
+        for id in ids {
+            let Ok(p) = self.paths(&id) else { continue };
+            if !p.hydrating() {
+                continue;
+            }
+            let st = p.read_status().unwrap_or_default();
+            let attached = !sys::loops_for(&p.lazy_data()).is_empty();
+            let act = (st.complete() && !attached) || (!Self::serving(&p) && !attached);
+            // Only acting needs the volume to itself; a busy volume waits for the next round.
+            let _t = match act.then(|| guard.acquire(&id)) {
+                Some(Err(_)) => {
+                    active += 1;
+                    continue;
+                }
+                Some(Ok(t)) => Some(t),
+                None => None,
+            };
+            // Re-read under the guard: a stage or delete may have run in between.
+            if act && !p.hydrating() {
+                continue;
+            }
+            let attached = !sys::loops_for(&p.lazy_data()).is_empty();
+            if st.complete() && !attached {
+                if let Err(e) = self.retire(&id, &p, &st).await {
+                    tracing::warn!(volume.id = %id, error = %e, "could not retire the hydration");
+                }
+                continue;
+            }
+            active += 1;
+            pending += st.total_chunks.saturating_sub(st.local_chunks) as i64;
+            self.metrics
+                .hydration
+                .progress(&id, st.local_chunks, st.total_chunks);
+            if !Self::serving(&p) {
+                if attached {
+                    continue; // reported as abnormal; needs a restage
+                }
+                tracing::info!(volume.id = %id, "resuming hydration");
+                if let Err(e) = self.ensure_running(&id).await {
+                    tracing::warn!(volume.id = %id, error = %e, "could not resume hydration");
+                }
+            }
+        }
+        self.metrics.hydration.volumes.set(active);
+        self.metrics.hydration.chunks_pending.set(pending);
+        self.children
+            .lock()
+            .expect("children")
+            .retain(|_, c| !matches!(c.try_wait(), Ok(Some(_))));
+    }
+
+    /// Before a stage: a finished hydration is retired (the volume then stages on its plain
+    /// file); an unfinished one gets its hydrator running.
+    pub async fn prepare_stage(&self, id: &str) -> Result<(), Error> {
+        let p = self.paths(id)?;
+        if !p.hydrating() {
+            return Ok(());
+        }
+        let st = p.read_status().unwrap_or_default();
+        if st.complete() && sys::loops_for(&p.lazy_data()).is_empty() {
+            return self.retire(id, &p, &st).await;
+        }
+        self.ensure_running(id).await
+    }
+
+    async fn retire(&self, id: &str, p: &Paths, st: &HydrateStatus) -> Result<(), Error> {
+        let rec: HydrateRecord = record::read(&p.record(), HYDRATE_RECORD)?.ok_or(Error::NotFound {
+            volume_id: id.to_owned(),
+        })?;
+        self.stop(id).await?;
+        self.manager.finish_hydration(id, &rec.lineage, &p.files())?;
+        self.metrics.hydration.forget(id);
+        let secs = (st.completed_unix_ms - st.started_unix_ms).max(0) as f64 / 1000.0;
+        self.metrics.snapshot.restored(true, st.bytes_fetched, secs);
+        self.metrics.hydration.on_demand.inc_by(st.fetched_on_demand);
+        tracing::info!(volume.id = %id, snapshot.id = %rec.snapshot_id,
+            fetched_on_demand = st.fetched_on_demand, fetched_background = st.fetched_background,
+            "hydration complete: the volume runs on its plain file");
+        Ok(())
+    }
+
+    /// Ends the hydration of a volume being deleted: stops the hydrator and returns the lease it
+    /// held, which the caller drops.
+    pub async fn abandon(&self, id: &str) -> Result<Option<String>, Error> {
+        let p = self.paths(id)?;
+        if !p.hydrating() {
+            return Ok(None);
+        }
+        self.stop(id).await?;
+        Ok(record::read::<HydrateRecord>(&p.record(), HYDRATE_RECORD)?.map(|r| r.lease_id))
+    }
+}
