@@ -9,6 +9,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked && cp target/release/strata /strata
 
 # Runtime: the tools the node plugin drives (loop devices, mkfs, mount, fsfreeze, resize, reflink cp).
+# Lazy restore needs no package: its hydrator mounts FUSE itself (mount(2), no fusermount or
+# libfuse), through /dev/fuse from the host /dev the privileged node pod mounts.
 FROM docker.io/library/debian:12.12-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \

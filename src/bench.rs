@@ -89,7 +89,7 @@ fn restic(repo: &str, args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Compares two files block by block (volumes may be larger than memory).
-fn same_content(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<bool> {
+pub(crate) fn same_content(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<bool> {
     let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
     let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
     if la != lb {
@@ -456,6 +456,27 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         ),
     });
     let _ = std::fs::remove_file(&fast);
+    // Lazy restore of the same snapshot: usable at once, hydrated behind (needs root: loop, FUSE).
+    let lazy = crate::hydrate::bench::measure(
+        &store,
+        &a.store.store,
+        &m2,
+        &img,
+        &a.dir,
+        a.concurrency,
+        raw_get,
+        raw_get_write,
+    )
+    .await
+    .context("lazy restore rows")?;
+    rows.extend(lazy.into_iter().map(|r| Row {
+        name: r.name,
+        secs: r.secs,
+        bytes: r.bytes,
+        read: None,
+        uploaded: None,
+        note: r.note,
+    }));
     if let Some(repo) = &a.restic_repo {
         let target = a.dir.join("bench-restic-restore");
         let _ = std::fs::remove_dir_all(&target);

@@ -39,6 +39,9 @@ pub enum Command {
     Verify(crate::admin::VerifyArgs),
     /// Delete chunks no snapshot needs any more (the controller also does this by itself).
     Gc(crate::admin::GcArgs),
+    /// This node's volumes and the hydration of restored ones (reads the storage directory).
+    #[command(subcommand)]
+    Volume(crate::admin_volume::VolumeCommand),
     /// Fast snapshot restore per zone: enable, disable, status.
     #[command(subcommand)]
     Fsr(crate::admin::FsrCommand),

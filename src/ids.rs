@@ -14,6 +14,13 @@ pub fn volume_id_for_name(name: &str) -> String {
 
 const SNAPSHOT_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x8c2e_41d7_93b0_4f6a_b5e2_7d19_0a44_c3e8);
 
+const GROUP_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x3f7a_9c12_5be4_4d08_a1c6_e25b_7f90_d4a1);
+
+/// The group snapshot id for a CreateVolumeGroupSnapshot name.
+pub fn group_snapshot_id_for_name(name: &str) -> String {
+    format!("group-{}", uuid::Uuid::new_v5(&GROUP_NAMESPACE, name.as_bytes()))
+}
+
 /// The snapshot id for a CreateSnapshot name.
 pub fn snapshot_id_for_name(name: &str) -> String {
     format!(

@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admin_volume;
 pub mod agent;
 pub mod bench;
 pub mod cli;

@@ -20,6 +20,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Gc(args) => strata::admin::gc(args).await?,
         Command::Bench(args) => strata::bench::run(args).await?,
         Command::Fsr(cmd) => strata::admin::fsr(cmd).await?,
+        Command::Volume(cmd) => strata::admin_volume::volume(cmd)?,
         Command::Hydrate(args) => strata::hydrate::serve::run(args).await?,
     }
     Ok(())

@@ -152,6 +152,7 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
         manifests: Default::default(),
         gc_kick,
     };
+    let controller = Arc::new(controller);
     let identity = IdentityService {
         controller: true,
         ready: Arc::new(|| true),
@@ -160,7 +161,8 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
     tracing::info!(socket = %socket.display(), "controller serving CSI");
     Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller))
+        .add_service(ControllerServer::from_arc(controller.clone()))
+        .add_service(crate::proto::csi::group_controller_server::GroupControllerServer::from_arc(controller))
         .serve_with_incoming_shutdown(incoming, cancel.cancelled())
         .await?;
     Ok(())

@@ -234,6 +234,7 @@ fn chart_lints_and_renders_valid_objects() {
             "node.kubeletDir=/var/lib/k0s/kubelet",
         ],
         &["metrics.serviceMonitor.enabled=true", "logFormat=text"],
+        &["store.bucket=bkt", "sidecars.snapshotter.groupSnapshots=true"],
         &[
             "metrics.enabled=false",
             "storageClasses=null",
@@ -433,6 +434,25 @@ fn plain_manifests_are_the_rendered_chart() {
 }
 
 #[test]
+fn group_snapshots_are_opt_in_with_their_flag_and_rbac() {
+    let off = serde_yaml::to_string(&render(&["store.bucket=bkt"])).unwrap();
+    assert!(!off.contains("CSIVolumeGroupSnapshot") && !off.contains("groupsnapshot.storage.k8s.io"));
+    let on = serde_yaml::to_string(&render(&[
+        "store.bucket=bkt",
+        "sidecars.snapshotter.groupSnapshots=true",
+    ]))
+    .unwrap();
+    assert!(on.contains("--feature-gates=CSIVolumeGroupSnapshot=true"), "{on}");
+    for r in [
+        "volumegroupsnapshotclasses",
+        "volumegroupsnapshotcontents",
+        "volumegroupsnapshotcontents/status",
+    ] {
+        assert!(on.contains(r), "no RBAC for {r}");
+    }
+}
+
+#[test]
 fn examples_parse_and_use_the_driver() {
     use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
     let dir = root().join("deploy/examples");
@@ -452,6 +472,8 @@ fn examples_parse_and_use_the_driver() {
                 "Pod" => drop(typed::<Pod>(&d)),
                 "VolumeSnapshotClass" => assert_eq!(d["driver"], DRIVER_NAME),
                 "VolumeSnapshot" => assert!(d["spec"]["source"]["persistentVolumeClaimName"].is_string()),
+                "VolumeGroupSnapshotClass" => assert_eq!(d["driver"], DRIVER_NAME),
+                "VolumeGroupSnapshot" => assert!(d["spec"]["source"]["selector"]["matchLabels"].is_object()),
                 other => panic!("{}: unexpected kind {other}", f.display()),
             }
             kinds.push(kind);
@@ -463,6 +485,8 @@ fn examples_parse_and_use_the_driver() {
         "Pod",
         "VolumeSnapshotClass",
         "VolumeSnapshot",
+        "VolumeGroupSnapshotClass",
+        "VolumeGroupSnapshot",
     ] {
         assert!(kinds.iter().any(|k| k == want), "no {want} example");
     }

@@ -230,6 +230,15 @@ async fn lazy_restore_serves_reads_and_keeps_writes_while_hydrating() {
         "hydration finished too early for this test: {mid:?}"
     );
     assert!(mid.fetched_on_demand > 0, "{mid:?}");
+    // Progress as an operator sees it on the node.
+    let storage = format!("--storage-dir={}", bed.nodes[1].storage.display());
+    let (ok, text) = cli(&["volume", "show", &v, &storage]);
+    assert!(
+        ok && text.contains("hydrating") && text.contains("on demand"),
+        "{text}"
+    );
+    let (ok, text) = cli(&["volume", "ls", &storage]);
+    assert!(ok && text.contains(&v) && text.contains("hydrating"), "{text}");
 
     // A snapshot taken while hydrating: the restored chunks are reused, the written ones read.
     let s2 = snapshot(&mut ctl, "mid-hydration", &v).await.snapshot_id;

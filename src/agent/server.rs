@@ -8,7 +8,7 @@ use crate::csi::op_guard::OpGuard;
 use crate::hydrate::supervise::Hydrators;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_server::Agent;
-use crate::snapshot::node::NodeSnapshots;
+use crate::snapshot::node::{Member, NodeSnapshots};
 use crate::volume::{Access, CreateSpec, VolumeManager, VolumeSource, VolumeState};
 
 /// Serves the agent API over a node's volume manager.
@@ -251,6 +251,40 @@ impl Agent for AgentService {
             )
             .await?;
         Ok(Response::new(status))
+    }
+
+    #[tracing::instrument(skip_all, fields(group = %req.get_ref().name))]
+    async fn create_group_snapshot(
+        &self,
+        req: Request<pb::CreateGroupSnapshotRequest>,
+    ) -> Result<Response<pb::CreateGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.members.is_empty() {
+            return Err(Status::invalid_argument("a group needs at least one volume"));
+        }
+        let mut tickets = Vec::with_capacity(r.members.len());
+        let mut members = Vec::with_capacity(r.members.len());
+        for m in &r.members {
+            id_ok(&m.volume_id)?;
+            crate::ids::check_id("snapshot_id", &m.snapshot_id).map_err(Status::invalid_argument)?;
+            if members.iter().any(|x: &Member| x.volume_id == m.volume_id) {
+                return Err(Status::invalid_argument(format!(
+                    "volume {} is listed twice",
+                    m.volume_id
+                )));
+            }
+            tickets.push(self.guard.acquire(&m.volume_id)?);
+            members.push(Member {
+                volume_id: m.volume_id.clone(),
+                snapshot_id: m.snapshot_id.clone(),
+                name: r.name.clone(),
+            });
+        }
+        let snapshots = self
+            .snapshots
+            .create_group(&members, r.tags.into_iter().collect())
+            .await?;
+        Ok(Response::new(pb::CreateGroupSnapshotResponse { snapshots }))
     }
 
     async fn list_pending_snapshots(

@@ -22,14 +22,14 @@ use crate::store::Store;
 /// VolumeSnapshotClass parameter: zones where snapshots of the class are pre-hydrated.
 pub const PARAM_FSR_ZONES: &str = "fastRestoreZones";
 
-fn timestamp(ms: i64) -> prost_types::Timestamp {
+pub(super) fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
 
-fn from_status(s: &apb::SnapshotStatus) -> pb::Snapshot {
+pub(super) fn from_status(s: &apb::SnapshotStatus) -> pb::Snapshot {
     pb::Snapshot {
         size_bytes: s.size_bytes as i64,
         snapshot_id: s.snapshot_id.clone(),
@@ -235,7 +235,7 @@ impl ControllerService {
         Ok(pb::DeleteSnapshotResponse {})
     }
 
-    async fn one(&self, id: &str) -> Result<Option<pb::Snapshot>, Status> {
+    pub(super) async fn one(&self, id: &str) -> Result<Option<pb::Snapshot>, Status> {
         if ids::check_id("snapshot_id", id).is_err() {
             return Ok(None);
         }

@@ -48,6 +48,7 @@ impl Identity for IdentityService {
         let mut capabilities = vec![service_cap(service::Type::VolumeAccessibilityConstraints)];
         if self.controller {
             capabilities.push(service_cap(service::Type::ControllerService));
+            capabilities.push(service_cap(service::Type::GroupControllerService));
         }
         capabilities.push(pb::PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

@@ -2,6 +2,7 @@
 //! the domain layer, map the result (errors are mapped in `status`).
 
 pub mod controller;
+pub mod controller_groups;
 pub mod controller_snapshots;
 pub mod identity;
 pub mod node;

@@ -65,6 +65,7 @@ impl From<SnapshotError> for Status {
             SnapshotError::NoStore => Code::FailedPrecondition,
             SnapshotError::Volume(v) => return Status::from(VolumeErrorRef(v)),
             SnapshotError::OtherVolume { .. } => Code::AlreadyExists,
+            SnapshotError::PartialGroup { .. } => Code::FailedPrecondition,
             SnapshotError::NotFound { .. } => Code::NotFound,
             SnapshotError::Manifest(ManifestError::Store(s)) => store_code(s),
             SnapshotError::Manifest(ManifestError::Corrupt { .. }) => Code::DataLoss,

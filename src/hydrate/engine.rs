@@ -65,7 +65,16 @@ pub struct Engine {
     /// Background bytes per second (0: unlimited), and when the next background fetch may start.
     bandwidth: AtomicU64,
     next_slot: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Background fetches running, and when the last on-demand fetch started: while reads are
+    /// waiting for chunks, the background queue steps back so they get the bandwidth.
+    background_running: AtomicU64,
+    last_demand: Mutex<Option<std::time::Instant>>,
 }
+
+/// Background fetches allowed while on-demand fetches are recent.
+const BACKGROUND_WHILE_DEMAND: u64 = 2;
+/// How long an on-demand fetch keeps the background queue narrow.
+const DEMAND_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -136,6 +145,10 @@ impl Engine {
             complete: AtomicBool::new(false),
             bandwidth: AtomicU64::new(0),
             next_slot: tokio::sync::Mutex::new(None),
+            background_running: AtomicU64::new(0),
+            // A volume just created is about to be read (filesystem mount, partition scan): the
+            // background queue starts narrow so those first reads find the bandwidth free.
+            last_demand: Mutex::new(Some(std::time::Instant::now())),
         };
         if verify_fetched {
             engine.verify_fetched()?;
@@ -195,6 +208,21 @@ impl Engine {
             start
         };
         tokio::time::sleep_until(start).await;
+    }
+
+    /// Waits while on-demand fetches are recent and the background already has its narrow share.
+    async fn yield_to_demand(&self) {
+        loop {
+            let recent = self
+                .last_demand
+                .lock()
+                .expect("demand")
+                .is_some_and(|t| t.elapsed() < DEMAND_WINDOW);
+            if !recent || self.background_running.load(Ordering::Relaxed) < BACKGROUND_WHILE_DEMAND {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// Number of chunks in the snapshot's range.
@@ -257,6 +285,9 @@ impl Engine {
         if self.state(index) != ABSENT {
             return Ok(());
         }
+        if on_demand {
+            *self.last_demand.lock().expect("demand") = Some(std::time::Instant::now());
+        }
         let h = *self
             .hashes
             .get(&index)
@@ -273,6 +304,9 @@ impl Engine {
             Err(e) => return Err(FetchError::Store(e.to_string())),
         };
         let fetched = obj.len() as u64;
+        if on_demand {
+            *self.last_demand.lock().expect("demand") = Some(std::time::Instant::now());
+        }
         let (off, len) = self.extent(index);
         let raw = tokio::task::spawn_blocking(move || chunk::decode(&h, &obj))
             .await
@@ -381,7 +415,11 @@ impl Engine {
         let mut results = picks
             .map(|i| async move {
                 self.pace().await;
-                self.ensure(i, false).await
+                self.yield_to_demand().await;
+                self.background_running.fetch_add(1, Ordering::Relaxed);
+                let r = self.ensure(i, false).await;
+                self.background_running.fetch_sub(1, Ordering::Relaxed);
+                r
             })
             .buffer_unordered(concurrency.max(1));
         let mut first_error = None;

@@ -43,6 +43,7 @@
 //! once its fetched data is on disk (the first write to a freshly fetched chunk syncs the file
 //! first), and an fsync from the filesystem above syncs the data and the map.
 
+pub mod bench;
 pub mod engine;
 pub mod fuse;
 pub mod serve;
@@ -177,6 +178,21 @@ impl Paths {
             self.dir.join(".hydrate.status.tmp"),
         ]
     }
+}
+
+/// Writes the files a lazily restored volume starts with into its (new) directory.
+pub fn write_seed(dir: &Path, seed: &crate::volume::HydrateSeed) -> Result<(), crate::volume::Error> {
+    let p = Paths::new(dir);
+    let io = |what: &'static str| {
+        move |source| crate::volume::Error::Io {
+            context: format!("write {what}"),
+            source,
+        }
+    };
+    std::fs::write(p.manifest(), &seed.manifest).map_err(io("hydrate.manifest"))?;
+    std::fs::write(p.map(), &seed.map).map_err(io("hydrate.map"))?;
+    crate::volume::record::write(&p.record(), HYDRATE_RECORD, &seed.record)?;
+    Ok(())
 }
 
 /// The current kernel boot id.

@@ -18,6 +18,20 @@ pub async fn clone_file(src: &Path, dst: &Path) -> Result<bool, SysError> {
         .map(|_| false)
 }
 
+/// Freezes the filesystem mounted at `mount` (writes block until [`thaw`]).
+pub async fn freeze(mount: &Path) -> Result<(), SysError> {
+    sys::run("fsfreeze", &["--freeze", &mount.to_string_lossy()])
+        .await
+        .map(drop)
+}
+
+/// Thaws a filesystem frozen by [`freeze`].
+pub async fn thaw(mount: &Path) -> Result<(), SysError> {
+    sys::run("fsfreeze", &["--unfreeze", &mount.to_string_lossy()])
+        .await
+        .map(drop)
+}
+
 /// Captures `data` into `clone`. With `mount`, the filesystem mounted there is frozen for the
 /// duration of the clone (and always thawed, also when the clone fails). Returns whether the
 /// clone is a reflink (shares the source's blocks).
@@ -34,7 +48,7 @@ pub async fn capture_with(
     also: &[(std::path::PathBuf, std::path::PathBuf)],
 ) -> Result<bool, SysError> {
     if let Some(m) = mount {
-        sys::run("fsfreeze", &["--freeze", &m.to_string_lossy()]).await?;
+        freeze(m).await?;
     }
     let mut copied = Ok(());
     for (from, to) in also {
@@ -51,7 +65,7 @@ pub async fn capture_with(
         Err(e) => Err(e),
     };
     if let Some(m) = mount {
-        let thawed = sys::run("fsfreeze", &["--unfreeze", &m.to_string_lossy()]).await;
+        let thawed = thaw(m).await;
         if let Err(e) = &thawed {
             tracing::error!(mount = %m.display(), error = %e, "thaw failed");
         }

@@ -59,6 +59,14 @@ pub enum SnapshotError {
     /// Capture failed.
     #[error(transparent)]
     Sys(#[from] crate::volume::sys::SysError),
+    /// A group snapshot was promised only in part and some members are already committed.
+    #[error(
+        "group members {snapshot_ids:?} were captured at different times; delete the group and take it again"
+    )]
+    PartialGroup {
+        /// The members.
+        snapshot_ids: Vec<String>,
+    },
     /// A restore failed for good (data missing or corrupt).
     #[error(transparent)]
     Restore(#[from] RestoreError),
@@ -68,6 +76,28 @@ pub enum SnapshotError {
 enum JobState {
     Running,
     Failed(String),
+}
+
+/// One volume of a capture.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// The volume.
+    pub volume_id: String,
+    /// Its new snapshot.
+    pub snapshot_id: String,
+    /// The CreateSnapshot name.
+    pub name: String,
+}
+
+struct Prepared {
+    member: Member,
+    data: PathBuf,
+    volume: crate::volume::VolumeState,
+    lineage: LineageRecord,
+    dir: PathBuf,
+    mount: Option<PathBuf>,
+    hydrating: Option<PathBuf>,
+    also: Vec<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug)]
@@ -195,98 +225,209 @@ impl NodeSnapshots {
         name: &str,
         tags: std::collections::BTreeMap<String, String>,
     ) -> Result<SnapshotStatus, SnapshotError> {
-        let store = self.store()?.clone();
-        let existing = self.jobs.lock().expect("jobs").get(snapshot_id).cloned();
+        let member = Member {
+            volume_id: volume_id.into(),
+            snapshot_id: snapshot_id.into(),
+            name: name.into(),
+        };
+        let mut statuses = self.create_group(std::slice::from_ref(&member), tags).await?;
+        Ok(statuses.remove(0))
+    }
+
+    /// The status of a member already captured (in progress, failed and retried, or committed).
+    async fn existing(
+        self: &Arc<Self>,
+        store: &Store,
+        m: &Member,
+    ) -> Result<Option<SnapshotStatus>, SnapshotError> {
+        let existing = self.jobs.lock().expect("jobs").get(&m.snapshot_id).cloned();
         if let Some(job) = existing {
-            if job.spec.volume_id != volume_id {
+            if job.spec.volume_id != m.volume_id {
                 return Err(SnapshotError::OtherVolume {
-                    snapshot_id: snapshot_id.into(),
+                    snapshot_id: m.snapshot_id.clone(),
                     volume_id: job.spec.volume_id.clone(),
                 });
             }
             let status = self.status_of(&job);
             if matches!(*job.state.lock().expect("job state"), JobState::Failed(_)) {
-                tracing::info!(snapshot.id = %snapshot_id, "retrying failed upload");
+                tracing::info!(snapshot.id = %m.snapshot_id, "retrying failed upload");
                 self.start_upload(job.spec.clone());
             }
-            return Ok(status);
+            return Ok(Some(status));
         }
-        if let Some(m) = read_manifest(&store, snapshot_id).await? {
-            if m.volume_id != volume_id {
+        if let Some(man) = read_manifest(store, &m.snapshot_id).await? {
+            if man.volume_id != m.volume_id {
                 return Err(SnapshotError::OtherVolume {
-                    snapshot_id: snapshot_id.into(),
-                    volume_id: m.volume_id,
+                    snapshot_id: m.snapshot_id.clone(),
+                    volume_id: man.volume_id,
                 });
             }
-            return Ok(Self::committed_status(&m));
+            return Ok(Some(Self::committed_status(&man)));
         }
-        let v = self.manager.get(volume_id)?;
-        let lineage = self.manager.lineage(volume_id)?.unwrap_or_else(|| LineageRecord {
-            lineage: format!("lin-{}", uuid::Uuid::new_v4()),
-            last_snapshot_id: String::new(),
-            last_capture_unix_ms: 0,
-            chunk_size: self.chunk_size,
-        });
-        let dir = self.pending_dir(snapshot_id);
-        std::fs::create_dir_all(&dir).map_err(|source| crate::volume::Error::Io {
-            context: format!("create {}", dir.display()),
-            source,
-        })?;
-        let clone = dir.join("clone.img");
-        let _ = std::fs::remove_file(&clone);
+        Ok(None)
+    }
+
+    /// Captures several volumes of this node at one instant (every mounted filesystem frozen
+    /// before the first clone and thawed after the last: crash-consistent across them), then
+    /// uploads each in the background. Repeated calls report progress. One member is a plain
+    /// CreateSnapshot.
+    pub async fn create_group(
+        self: &Arc<Self>,
+        members: &[Member],
+        tags: std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<SnapshotStatus>, SnapshotError> {
+        let store = self.store()?.clone();
+        let mut known = Vec::with_capacity(members.len());
+        for m in members {
+            known.push(self.existing(&store, m).await?);
+        }
+        if known.iter().all(Option::is_some) {
+            return Ok(known.into_iter().flatten().collect());
+        }
+        if known.iter().any(Option::is_some) {
+            // Promised only in part (a crash while writing the records): the members must share
+            // one instant, so the partial ones are dropped and the whole group captured again.
+            if known.iter().flatten().any(|s| s.ready) {
+                return Err(SnapshotError::PartialGroup {
+                    snapshot_ids: members.iter().map(|m| m.snapshot_id.clone()).collect(),
+                });
+            }
+            for (m, k) in members.iter().zip(&known) {
+                if k.is_some() {
+                    tracing::warn!(snapshot.id = %m.snapshot_id, "dropping a partly promised group member");
+                    self.abort(&m.snapshot_id).await?;
+                }
+            }
+        }
+        let mut preps = Vec::with_capacity(members.len());
+        for m in members {
+            preps.push(self.prepare(m)?);
+        }
+        let mut mounts: Vec<PathBuf> = preps.iter().filter_map(|p| p.mount.clone()).collect();
+        mounts.sort();
+        mounts.dedup();
+        let mut frozen = Vec::new();
+        let mut failed: Option<SnapshotError> = None;
+        for mnt in &mounts {
+            match super::capture::freeze(mnt).await {
+                Ok(()) => frozen.push(mnt.clone()),
+                Err(e) => {
+                    failed = Some(e.into());
+                    break;
+                }
+            }
+        }
+        let capture_unix_ms = now_ms();
+        let mut reflinked = Vec::new();
+        if failed.is_none() {
+            for p in &preps {
+                match super::capture::capture_with(&p.data, &p.dir.join("clone.img"), None, &p.also).await {
+                    Ok(r) => reflinked.push(r),
+                    Err(e) => {
+                        failed = Some(e.into());
+                        break;
+                    }
+                }
+            }
+        }
+        for mnt in &frozen {
+            if let Err(e) = super::capture::thaw(mnt).await {
+                tracing::error!(mount = %mnt.display(), error = %e, "thaw failed");
+                failed.get_or_insert(e.into());
+            }
+        }
+        if let Some(e) = failed {
+            for p in &preps {
+                let _ = std::fs::remove_dir_all(&p.dir);
+            }
+            return Err(e);
+        }
+        let mut specs = Vec::with_capacity(preps.len());
+        for (p, reflinked) in preps.into_iter().zip(reflinked) {
+            let m = p.member;
+            // The kept image of the parent, if this capture can be compared with it by extents.
+            let base = match self.manager.base(&m.volume_id)? {
+                Some((path, snap)) if reflinked && snap == p.lineage.last_snapshot_id => {
+                    self.private_base(&m.volume_id, &path, &snap, &p.dir).await
+                }
+                _ => None,
+            };
+            specs.push(UploadSpec {
+                snapshot_id: m.snapshot_id.clone(),
+                name: m.name.clone(),
+                volume_id: m.volume_id.clone(),
+                lineage: p.lineage.lineage,
+                parent_id: p.lineage.last_snapshot_id,
+                capture_unix_ms,
+                size_bytes: p.volume.record.capacity_bytes,
+                chunk_size: p.lineage.chunk_size,
+                fs_type: p.volume.record.fs_type.clone(),
+                block: p.volume.record.access == Access::Block,
+                tags: tags.clone(),
+                reflinked,
+                base,
+                hydrating: p.hydrating,
+            });
+        }
+        // Only now are the snapshots promised: the records make a restart resume them.
+        for spec in &specs {
+            let dir = self.pending_dir(&spec.snapshot_id);
+            record::write(&dir.join("pending.rec"), PENDING_RECORD, spec)
+                .map_err(crate::volume::Error::from)?;
+            tracing::info!(snapshot.id = %spec.snapshot_id, volume.id = %spec.volume_id, parent = %spec.parent_id, "snapshot captured");
+        }
+        Ok(specs
+            .into_iter()
+            .map(|spec| {
+                let job = self.start_upload(spec);
+                self.status_of(&job)
+            })
+            .collect())
+    }
+
+    /// Everything a member's capture needs, before anything is frozen.
+    fn prepare(&self, m: &Member) -> Result<Prepared, SnapshotError> {
+        let v = self.manager.get(&m.volume_id)?;
+        let lineage = self
+            .manager
+            .lineage(&m.volume_id)?
+            .unwrap_or_else(|| LineageRecord {
+                lineage: format!("lin-{}", uuid::Uuid::new_v4()),
+                last_snapshot_id: String::new(),
+                last_capture_unix_ms: 0,
+                chunk_size: self.chunk_size,
+            });
+        let dir = self.pending_dir(&m.snapshot_id);
+        let io = |d: &Path| {
+            let context = format!("create {}", d.display());
+            move |source| crate::volume::Error::Io { context, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let _ = std::fs::remove_file(dir.join("clone.img"));
         let mount = v
             .staging_path
             .clone()
             .filter(|_| v.record.access == Access::Mount);
-        let capture_unix_ms = now_ms();
         // A volume still hydrating: its chunk map at the captured instant tells which chunks are
         // still the restored snapshot's (taken from it without reading) and which were written.
-        let hp = crate::hydrate::Paths::new(&self.manager.volume_dir(volume_id)?);
+        let hp = crate::hydrate::Paths::new(&self.manager.volume_dir(&m.volume_id)?);
         let hydrating = hp.hydrating().then(|| dir.join("hydrating"));
         let mut also = Vec::new();
         if let Some(h) = &hydrating {
-            std::fs::create_dir_all(h).map_err(|source| crate::volume::Error::Io {
-                context: format!("create {}", h.display()),
-                source,
-            })?;
+            std::fs::create_dir_all(h).map_err(io(h))?;
             also.push((hp.map(), h.join("hydrate.map")));
             also.push((hp.manifest(), h.join("hydrate.manifest")));
         }
-        let reflinked = super::capture::capture_with(
-            &self.manager.data_path(volume_id)?,
-            &clone,
-            mount.as_deref(),
-            &also,
-        )
-        .await?;
-        // The kept image of the parent, if this capture can be compared with it by extents.
-        let base = match self.manager.base(volume_id)? {
-            Some((path, snap)) if reflinked && snap == lineage.last_snapshot_id => {
-                self.private_base(volume_id, &path, &snap, &dir).await
-            }
-            _ => None,
-        };
-        let spec = UploadSpec {
-            snapshot_id: snapshot_id.into(),
-            name: name.into(),
-            volume_id: volume_id.into(),
-            lineage: lineage.lineage,
-            parent_id: lineage.last_snapshot_id,
-            capture_unix_ms,
-            size_bytes: v.record.capacity_bytes,
-            chunk_size: lineage.chunk_size,
-            fs_type: v.record.fs_type.clone(),
-            block: v.record.access == Access::Block,
-            tags,
-            reflinked,
-            base,
+        Ok(Prepared {
+            member: m.clone(),
+            data: self.manager.data_path(&m.volume_id)?,
+            volume: v,
+            lineage,
+            dir,
+            mount,
             hydrating,
-        };
-        // Only now is the snapshot promised: the record makes a restart resume it.
-        record::write(&dir.join("pending.rec"), PENDING_RECORD, &spec).map_err(crate::volume::Error::from)?;
-        tracing::info!(snapshot.id = %snapshot_id, volume.id = %volume_id, parent = %spec.parent_id, "snapshot captured");
-        let job = self.start_upload(spec);
-        Ok(self.status_of(&job))
+            also,
+        })
     }
 
     /// A private reflink of the volume's kept base image, taken for one upload: the kept image may

@@ -303,6 +303,23 @@ impl VolumeManager {
         Ok(m)
     }
 
+    /// Opens a storage directory for reading only (`strata volume`): nothing is created or
+    /// cleaned, so it is safe beside the agent that owns it.
+    pub fn inspect(root: &Path) -> Result<Self, Error> {
+        let root = std::fs::canonicalize(root).map_err(io(format!("resolve {}", root.display())))?;
+        if !root.join("volumes").is_dir() {
+            return Err(Error::InvalidArgument {
+                reason: format!("{} is not a Strata storage directory", root.display()),
+            });
+        }
+        Ok(Self {
+            root,
+            node_name: String::new(),
+            max_volumes: 0,
+            space_lock: Default::default(),
+        })
+    }
+
     fn sweep_leftovers(&self) {
         if let Ok(rd) = std::fs::read_dir(self.root.join("volumes")) {
             for e in rd.flatten() {
@@ -515,18 +532,7 @@ impl VolumeManager {
             }
         }
         if let (VolumeSource::Snapshot(_), None, Some(seed)) = (&spec.source, &spec.image, &spec.hydrate) {
-            let p = crate::hydrate::Paths::new(&tmp);
-            let written = std::fs::write(p.manifest(), &seed.manifest)
-                .and_then(|_| std::fs::write(p.map(), &seed.map))
-                .map_err(io("write hydration files"))
-                .and_then(|_| {
-                    Ok(record::write(
-                        &p.record(),
-                        crate::hydrate::HYDRATE_RECORD,
-                        &seed.record,
-                    )?)
-                });
-            if let Err(e) = written {
+            if let Err(e) = crate::hydrate::write_seed(&tmp, seed) {
                 let _ = std::fs::remove_dir_all(&tmp);
                 return Err(e);
             }
