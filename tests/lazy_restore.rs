@@ -230,6 +230,20 @@ async fn lazy_restore_serves_reads_and_keeps_writes_while_hydrating() {
         "hydration finished too early for this test: {mid:?}"
     );
     assert!(mid.fetched_on_demand > 0, "{mid:?}");
+    // A clone needs the whole source: refused (retryable) while it hydrates.
+    let mut clone = restore_req("clone-mid", &s1, Some("zone-b"), size as u64);
+    clone.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Volume(
+            pb::volume_content_source::VolumeSource { volume_id: v.clone() },
+        )),
+    });
+    let refused = ctl.create_volume(clone).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("still hydrating"),
+        "{}",
+        refused.message()
+    );
     // Progress as an operator sees it on the node.
     let storage = format!("--storage-dir={}", bed.nodes[1].storage.display());
     let (ok, text) = cli(&["volume", "show", &v, &storage]);

@@ -491,10 +491,14 @@ impl VolumeManager {
         let clone_from = match &spec.source {
             VolumeSource::Volume(src) => {
                 let v = self.get(src)?;
-                if v.restoring.is_some() {
+                // A hydrated source (even if its hydrator still serves it) is complete on disk.
+                if let Some(h) = v.hydration.as_ref().filter(|h| !h.complete()) {
                     return Err(Error::Unavailable {
                         volume_id: src.clone(),
-                        reason: "still being restored".into(),
+                        reason: format!(
+                            "still hydrating ({} of {} chunks local); retry once it is complete",
+                            h.local_chunks, h.total_chunks
+                        ),
                     });
                 }
                 if v.record.capacity_bytes > spec.capacity_bytes {
