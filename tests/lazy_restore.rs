@@ -82,6 +82,36 @@ async fn wait_retired(bed: &TestBed, node: usize, vol: &str) {
     }
 }
 
+/// Waits until NodeGetVolumeStats reports the volume abnormal, with `why` in the message.
+async fn wait_abnormal(
+    node: &mut strata::proto::csi::node_client::NodeClient<tonic::transport::Channel>,
+    vol: &str,
+    staging: &Path,
+    target: &Path,
+    why: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = node
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: vol.into(),
+                volume_path: target.to_string_lossy().into(),
+                staging_target_path: staging.to_string_lossy().into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume_condition
+            .unwrap();
+        if c.abnormal {
+            assert!(c.message.contains(why), "{}", c.message);
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vol}: no abnormal condition ({why})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
 
@@ -359,28 +389,7 @@ async fn hydrator_killed_resumes_from_its_map() {
     let _ = std::process::Command::new("kill")
         .args(["-9", &first.pid.to_string()])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let stats = node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: v2.clone(),
-                volume_path: tg2.to_string_lossy().into(),
-                staging_target_path: st2.to_string_lossy().into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let c = stats.volume_condition.unwrap();
-        if c.abnormal {
-            assert!(c.message.contains("hydrator stopped"), "{}", c.message);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no abnormal condition after the hydrator died"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_abnormal(&mut node, &v2, &st2, &tg2, "hydrator stopped").await;
     detach(&mut node, &v2, &st2, &tg2).await;
     attach(&mut node, &v2, &st2, &tg2, block_cap()).await;
     assert!(whole(&tg2, size) == data, "restaged volume differs");
@@ -469,27 +478,5 @@ async fn a_chunk_missing_from_the_store_is_an_io_error_not_silent_data() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let s = wait_status(&bed, 0, &v, "the permanent error", |s| s.permanent).await;
     assert!(s.error.contains("missing from the store"), "{s:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let c = node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: v.clone(),
-                volume_path: tg.to_string_lossy().into(),
-                staging_target_path: st.to_string_lossy().into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .volume_condition
-            .unwrap();
-        if c.abnormal {
-            assert!(c.message.contains("hydration cannot complete"), "{}", c.message);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no abnormal condition for a missing chunk"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_abnormal(&mut node, &v, &st, &tg, "hydration cannot complete").await;
 }

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::{engine, HydrateRecord, Paths};
-use crate::proto::store::{Lease, Manifest};
+use crate::proto::store::Manifest;
+use crate::snapshot::chunk;
 use crate::snapshot::manifest::{self, lease_key};
-use crate::snapshot::{chunk, upload::now_ms};
 use crate::store::Store;
 use crate::volume::{sys, HydrateSeed, LineageRecord};
 
@@ -181,16 +181,7 @@ pub async fn measure(
     // CreateVolume (as the agent does it) to the first correct 4 KiB read.
     let t0 = Instant::now();
     let lease_id = format!("bench-lazy-{}", uuid::Uuid::new_v4().simple());
-    manifest::write_lease(
-        store,
-        &Lease {
-            id: lease_id.clone(),
-            snapshot_id: m.snapshot_id.clone(),
-            hashes: m.chunks.iter().map(|c| c.hash.clone()).collect(),
-            created_unix_ms: now_ms(),
-        },
-    )
-    .await?;
+    manifest::lease_chunks_of(store, m, &lease_id).await?;
     let seed = HydrateSeed {
         record: HydrateRecord {
             snapshot_id: m.snapshot_id.clone(),

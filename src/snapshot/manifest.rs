@@ -127,6 +127,18 @@ pub async fn list_snapshot_ids(store: &Store) -> Result<Vec<String>, StoreError>
         .collect())
 }
 
+/// Writes a lease named `lease_id` over every chunk of `m`: what a restore (eager or lazy) needs
+/// kept until it is done.
+pub async fn lease_chunks_of(store: &Store, m: &Manifest, lease_id: &str) -> Result<(), StoreError> {
+    let lease = Lease {
+        id: lease_id.to_owned(),
+        snapshot_id: m.snapshot_id.clone(),
+        hashes: m.chunks.iter().map(|c| c.hash.clone()).collect(),
+        created_unix_ms: crate::snapshot::upload::now_ms(),
+    };
+    write_lease(store, &lease).await
+}
+
 /// Writes a lease.
 pub async fn write_lease(store: &Store, lease: &Lease) -> Result<(), StoreError> {
     store

@@ -24,7 +24,7 @@ use super::restore::{self, RestoreError};
 use super::upload::{self, now_ms, Progress, UploadError, UploadSpec};
 use crate::hydrate::HydrateRecord;
 use crate::proto::agent::SnapshotStatus;
-use crate::proto::store::{Lease, Manifest};
+use crate::proto::store::Manifest;
 use crate::store::Store;
 use crate::volume::{record, Access, HydrateSeed, LineageRecord, VolumeManager};
 
@@ -563,17 +563,9 @@ impl NodeSnapshots {
         };
         let m = read_manifest(store, snapshot_id).await?.ok_or_else(not_found)?;
         let lease_id = format!("restore-{volume_id}");
-        manifest::write_lease(
-            store,
-            &Lease {
-                id: lease_id.clone(),
-                snapshot_id: snapshot_id.to_owned(),
-                hashes: m.chunks.iter().map(|c| c.hash.clone()).collect(),
-                created_unix_ms: now_ms(),
-            },
-        )
-        .await
-        .map_err(manifest::ManifestError::from)?;
+        manifest::lease_chunks_of(store, &m, &lease_id)
+            .await
+            .map_err(manifest::ManifestError::from)?;
         // A delete that ran between the read and the lease: its GC may not have seen the lease.
         if !store
             .exists(&manifest::manifest_key(snapshot_id))

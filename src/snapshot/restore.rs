@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::chunk::{self, ChunkError, Hash};
 use super::manifest::{self, lease_key, manifest_key};
-use super::upload::{now_ms, Progress};
-use crate::proto::store::{Lease, Manifest};
+use super::upload::Progress;
+use crate::proto::store::Manifest;
 use crate::store::{Store, StoreError};
 
 /// Why a restore failed.
@@ -66,16 +66,7 @@ pub async fn restore(
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<(), RestoreError> {
-    manifest::write_lease(
-        store,
-        &Lease {
-            id: lease_id.to_owned(),
-            snapshot_id: m.snapshot_id.clone(),
-            hashes: m.chunks.iter().map(|c| c.hash.clone()).collect(),
-            created_unix_ms: now_ms(),
-        },
-    )
-    .await?;
+    manifest::lease_chunks_of(store, m, lease_id).await?;
     let result = restore_leased(store, m, target, zero_fill, progress, concurrency, cancel).await;
     // The lease is dropped whatever happened; a failed restore starts over with a new one.
     if let Err(e) = store.delete(&lease_key(lease_id)).await {
