@@ -74,10 +74,8 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
         requisite: vec![topo(&[(ZONE_KEY, "zone-a")])],
         preferred: vec![],
     });
-    let id = create_volume(&mut ctl, r).await.volume_id;
+    let (id, _, tg) = attached_block_volume(&bed, &mut ctl, 0, r).await;
     let mut a = bed.node(0).await;
-    let (st, tg) = bed.kubelet_paths("src");
-    attach(&mut a, &id, &st, &tg, block_cap()).await;
     let data = pattern(20 << 20, 8);
     std::fs::write(&tg, &data).unwrap();
     let snap = snapshot(&mut ctl, "fsr", &id).await.snapshot_id;

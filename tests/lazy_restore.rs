@@ -185,10 +185,7 @@ async fn source_snapshot(
             preferred: vec![],
         });
     }
-    let id = create_volume(&mut ctl, r).await.volume_id;
-    let mut n = bed.node(node).await;
-    let (st, tg) = bed.kubelet_paths(name);
-    attach(&mut n, &id, &st, &tg, block_cap()).await;
+    let (id, _, tg) = attached_block_volume(bed, &mut ctl, node, r).await;
     let f = open_rw(&tg);
     f.write_all_at(data, 0).unwrap();
     f.sync_all().unwrap();

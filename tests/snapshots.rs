@@ -201,12 +201,9 @@ async fn chain_restore_delete_gc_s3() {
 async fn snapshot_is_point_in_time_and_incremental_by_chunk() {
     let bed = TestBed::start(&[("node-a", "zone-a")]).await;
     let mut ctl = bed.controller().await;
-    let id = create_volume(&mut ctl, create_req("blk", 64 * MIB, block_cap()))
-        .await
-        .volume_id;
+    let (id, staging, target) =
+        attached_block_volume(&bed, &mut ctl, 0, create_req("blk", 64 * MIB, block_cap())).await;
     let mut a = bed.node(0).await;
-    let (staging, target) = bed.kubelet_paths("blk");
-    attach(&mut a, &id, &staging, &target, block_cap()).await;
     // Half random, half zeros.
     let first = pattern(32 << 20, 9);
     overwrite(&target, 0, &first);
@@ -507,12 +504,8 @@ async fn upload_killed_mid_way_resumes_after_restart(store: StoreKind) {
     })
     .await;
     let mut ctl = bed.controller().await;
-    let id = create_volume(&mut ctl, create_req("big", 128 * MIB, block_cap()))
-        .await
-        .volume_id;
-    let mut a = bed.node(0).await;
-    let (staging, target) = bed.kubelet_paths("big");
-    attach(&mut a, &id, &staging, &target, block_cap()).await;
+    let (id, _, target) =
+        attached_block_volume(&bed, &mut ctl, 0, create_req("big", 128 * MIB, block_cap())).await;
     let data = pattern(96 << 20, 21);
     overwrite(&target, 0, &data);
     let first = ctl
@@ -600,12 +593,9 @@ async fn on_xfs_unchanged_chunks_are_not_even_read() {
     })
     .await;
     let mut ctl = bed.controller().await;
-    let id = create_volume(&mut ctl, create_req("x", 64 * MIB, block_cap()))
-        .await
-        .volume_id;
+    let (id, staging, target) =
+        attached_block_volume(&bed, &mut ctl, 0, create_req("x", 64 * MIB, block_cap())).await;
     let mut a = bed.node(0).await;
-    let (staging, target) = bed.kubelet_paths("x");
-    attach(&mut a, &id, &staging, &target, block_cap()).await;
     let mut model = pattern(64 << 20, 31);
     model[32 << 20..].fill(0);
     // Zeros written for real (not holes): only the extent maps can tell they did not change.
@@ -666,12 +656,8 @@ async fn on_xfs_unchanged_chunks_are_not_even_read() {
 async fn admin_cli_lists_shows_restores_verifies_and_collects() {
     let bed = TestBed::start(&[("node-a", "zone-a")]).await;
     let mut ctl = bed.controller().await;
-    let id = create_volume(&mut ctl, create_req("cli", 16 * MIB, block_cap()))
-        .await
-        .volume_id;
-    let mut a = bed.node(0).await;
-    let (staging, target) = bed.kubelet_paths("cli");
-    attach(&mut a, &id, &staging, &target, block_cap()).await;
+    let (id, _, target) =
+        attached_block_volume(&bed, &mut ctl, 0, create_req("cli", 16 * MIB, block_cap())).await;
     let data = pattern(6 << 20, 3);
     overwrite(&target, 0, &data);
     let s1 = snapshot(&mut ctl, "cli-1", &id).await;

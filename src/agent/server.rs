@@ -180,10 +180,8 @@ impl Agent for AgentService {
         let id = req.into_inner().volume_id;
         id_ok(&id)?;
         let _t = self.guard.acquire(&id)?;
-        if !self.manager.loops(&id)?.is_empty() {
-            // Refused below with the details; the hydrator must keep serving meanwhile.
-            self.manager.delete(&id).await?;
-        }
+        // A staged volume is refused before its hydrator is touched: it must keep serving.
+        self.manager.check_detached(&id)?;
         let lease = self.hydrators.abandon(&id).await?;
         self.manager.delete(&id).await?;
         if let Some(lease) = lease {

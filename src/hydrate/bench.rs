@@ -9,17 +9,17 @@
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::{engine, HydrateRecord, Paths};
+use super::Paths;
 use crate::proto::store::Manifest;
 use crate::snapshot::chunk;
 use crate::snapshot::manifest::{self, lease_key};
 use crate::store::Store;
-use crate::volume::{sys, HydrateSeed, LineageRecord};
+use crate::volume::sys;
 
 /// One result for the table.
 pub struct Measured {
@@ -182,34 +182,9 @@ pub async fn measure(
     let t0 = Instant::now();
     let lease_id = format!("bench-lazy-{}", uuid::Uuid::new_v4().simple());
     manifest::lease_chunks_of(store, m, &lease_id).await?;
-    let seed = HydrateSeed {
-        record: HydrateRecord {
-            snapshot_id: m.snapshot_id.clone(),
-            lease_id: lease_id.clone(),
-            lineage: LineageRecord {
-                lineage: m.lineage.clone(),
-                last_snapshot_id: m.snapshot_id.clone(),
-                last_capture_unix_ms: m.capture_unix_ms,
-                chunk_size: m.chunk_size,
-            },
-        },
-        manifest: manifest::encode_manifest(m).to_vec(),
-        map: engine::initial_map(m),
-    };
     std::fs::File::create(p.data())?.set_len(size)?;
-    super::write_seed(&vol, &seed)?;
-    let log = std::fs::File::create(p.log())?;
-    let child = Command::new(std::env::current_exe()?)
-        .arg("hydrate")
-        .arg("--volume-dir")
-        .arg(&vol)
-        .arg("--concurrency")
-        .arg(concurrency.to_string())
-        .env("STRATA_STORE", store_url)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
+    super::write_seed(&vol, &super::seed(m, lease_id.clone()))?;
+    let child = super::supervise::spawn_hydrator(&std::env::current_exe()?, &p, store_url, concurrency, 0)
         .context("start the hydrator")?;
     let mut cleanup = Cleanup {
         loops: Vec::new(),
@@ -217,7 +192,7 @@ pub async fn measure(
         mount: p.mount_point(),
     };
     let result = async {
-        while std::fs::metadata(p.lazy_data()).is_err() {
+        while !p.served() {
             if t0.elapsed() > Duration::from_secs(30) {
                 bail!("the hydrator did not start: see {}", p.log().display());
             }

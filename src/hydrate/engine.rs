@@ -30,6 +30,12 @@ pub enum FetchError {
     Io(String),
 }
 
+impl From<std::io::Error> for FetchError {
+    fn from(e: std::io::Error) -> Self {
+        FetchError::Io(e.to_string())
+    }
+}
+
 impl FetchError {
     /// Whether retrying cannot help.
     pub fn permanent(&self) -> bool {
@@ -68,7 +74,7 @@ pub struct Engine {
     /// Background fetches running, and when the last on-demand fetch started: while reads are
     /// waiting for chunks, the background queue steps back so they get the bandwidth.
     background_running: AtomicU64,
-    last_demand: Mutex<Option<std::time::Instant>>,
+    last_demand: Mutex<std::time::Instant>,
 }
 
 /// Background fetches allowed while on-demand fetches are recent.
@@ -148,7 +154,7 @@ impl Engine {
             background_running: AtomicU64::new(0),
             // A volume just created is about to be read (filesystem mount, partition scan): the
             // background queue starts narrow so those first reads find the bandwidth free.
-            last_demand: Mutex::new(Some(std::time::Instant::now())),
+            last_demand: Mutex::new(std::time::Instant::now()),
         };
         if verify_fetched {
             engine.verify_fetched()?;
@@ -210,14 +216,16 @@ impl Engine {
         tokio::time::sleep_until(start).await;
     }
 
+    /// Stamped when an on-demand fetch starts and again when its data arrives, so the narrow
+    /// window covers the whole fetch however long the store takes.
+    fn note_demand(&self) {
+        *self.last_demand.lock().expect("demand") = std::time::Instant::now();
+    }
+
     /// Waits while on-demand fetches are recent and the background already has its narrow share.
     async fn yield_to_demand(&self) {
         loop {
-            let recent = self
-                .last_demand
-                .lock()
-                .expect("demand")
-                .is_some_and(|t| t.elapsed() < DEMAND_WINDOW);
+            let recent = self.last_demand.lock().expect("demand").elapsed() < DEMAND_WINDOW;
             if !recent || self.background_running.load(Ordering::Relaxed) < BACKGROUND_WHILE_DEMAND {
                 return;
             }
@@ -286,7 +294,7 @@ impl Engine {
             return Ok(());
         }
         if on_demand {
-            *self.last_demand.lock().expect("demand") = Some(std::time::Instant::now());
+            self.note_demand();
         }
         let h = *self
             .hashes
@@ -305,7 +313,7 @@ impl Engine {
         };
         let fetched = obj.len() as u64;
         if on_demand {
-            *self.last_demand.lock().expect("demand") = Some(std::time::Instant::now());
+            self.note_demand();
         }
         let (off, len) = self.extent(index);
         let raw = tokio::task::spawn_blocking(move || chunk::decode(&h, &obj))
@@ -322,8 +330,7 @@ impl Engine {
         // Data first, then its state: whoever sees the state sees the data.
         self.data
             .write_all_at(&raw[..len], off)
-            .and_then(|_| self.set_state(index, FETCHED))
-            .map_err(|e| FetchError::Io(e.to_string()))?;
+            .and_then(|_| self.set_state(index, FETCHED))?;
         self.unsynced.lock().expect("unsynced").insert(index);
         self.local.fetch_add(1, Ordering::Relaxed);
         self.bytes_fetched.fetch_add(fetched, Ordering::Relaxed);
@@ -345,7 +352,7 @@ impl Engine {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(FetchError::Io(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(done)
@@ -359,15 +366,12 @@ impl Engine {
             if self.state(i) == FETCHED {
                 // "Written" must never describe a chunk whose fetched data is not on disk yet.
                 if self.unsynced.lock().expect("unsynced").contains(&i) {
-                    self.sync().map_err(|e| FetchError::Io(e.to_string()))?;
+                    self.sync()?;
                 }
-                self.set_state(i, WRITTEN)
-                    .map_err(|e| FetchError::Io(e.to_string()))?;
+                self.set_state(i, WRITTEN)?;
             }
         }
-        self.data
-            .write_all_at(data, offset)
-            .map_err(|e| FetchError::Io(e.to_string()))
+        self.data.write_all_at(data, offset).map_err(FetchError::from)
     }
 
     /// Syncs the data file, then the map.
@@ -435,7 +439,7 @@ impl Engine {
         match first_error {
             Some(e) => Err(e),
             None if self.local.load(Ordering::Relaxed) >= self.total() => {
-                self.sync().map_err(|e| FetchError::Io(e.to_string()))?;
+                self.sync()?;
                 self.complete.store(true, Ordering::Release);
                 *self.last_error.lock().expect("error") = None;
                 Ok(())

@@ -153,6 +153,11 @@ impl Paths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("hydrate.log")
     }
+    /// Whether a live hydrator serves the file (a FUSE mount whose server died answers ENOTCONN;
+    /// no mount, ENOENT).
+    pub fn served(&self) -> bool {
+        std::fs::metadata(self.lazy_data()).is_ok()
+    }
     /// Whether the volume is (still) hydrating.
     pub fn hydrating(&self) -> bool {
         self.record().exists()
@@ -168,15 +173,28 @@ impl Paths {
         std::fs::write(&tmp, serde_json::to_vec_pretty(s).expect("status serializes"))?;
         std::fs::rename(&tmp, self.status())
     }
-    /// All hydration files, for removal once the volume runs on its plain file.
-    pub fn files(&self) -> [PathBuf; 5] {
+    /// The hydration files besides the record, removed (before it) once the volume runs on its
+    /// plain file.
+    pub fn working_files(&self) -> [PathBuf; 4] {
         [
-            self.record(),
             self.manifest(),
             self.map(),
             self.status(),
             self.dir.join(".hydrate.status.tmp"),
         ]
+    }
+}
+
+/// What a volume restored lazily from snapshot `m` starts with, its chunks held by `lease_id`.
+pub fn seed(m: &crate::proto::store::Manifest, lease_id: String) -> crate::volume::HydrateSeed {
+    crate::volume::HydrateSeed {
+        record: HydrateRecord {
+            snapshot_id: m.snapshot_id.clone(),
+            lease_id,
+            lineage: LineageRecord::of(m),
+        },
+        manifest: crate::snapshot::manifest::encode_manifest(m).to_vec(),
+        map: engine::initial_map(m),
     }
 }
 

@@ -35,6 +35,36 @@ impl std::fmt::Debug for Hydrators {
     }
 }
 
+/// Starts `strata hydrate` for the volume at `p` in its own process group (signals meant for the
+/// agent, such as a restart, do not reach it), logging to the volume's `hydrate.log`. The store
+/// URL goes through the environment; credentials come from the inherited AWS environment.
+pub fn spawn_hydrator(
+    exe: &std::path::Path,
+    p: &Paths,
+    store_url: &str,
+    concurrency: usize,
+    bandwidth_mib: u64,
+) -> std::io::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p.log())?;
+    Command::new(exe)
+        .arg("hydrate")
+        .arg("--volume-dir")
+        .arg(&p.dir)
+        .arg("--concurrency")
+        .arg(concurrency.to_string())
+        .arg("--bandwidth-mib")
+        .arg(bandwidth_mib.to_string())
+        .env("STRATA_STORE", store_url)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).contains("hydrate"))
@@ -75,16 +105,11 @@ impl Hydrators {
         Some(p.read_status().unwrap_or_default())
     }
 
-    /// Whether a live hydrator serves the volume's file (a dead FUSE mount answers ENOTCONN).
-    fn serving(p: &Paths) -> bool {
-        std::fs::metadata(p.lazy_data()).is_ok()
-    }
-
     /// Starts the volume's hydrator unless one serves it already, and waits until its file is
     /// served. Nothing to do for a volume that is not hydrating.
     pub async fn ensure_running(&self, id: &str) -> Result<(), Error> {
         let p = self.paths(id)?;
-        if !p.hydrating() || Self::serving(&p) {
+        if !p.hydrating() || p.served() {
             return Ok(());
         }
         let Some(url) = self.store_url.clone() else {
@@ -104,36 +129,12 @@ impl Hydrators {
             }
             let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p.log())
-            .map_err(|source| Error::Io {
-                context: format!("open {}", p.log().display()),
-                source,
-            })?;
-        let log2 = log.try_clone().map_err(|source| Error::Io {
-            context: "clone log handle".into(),
-            source,
-        })?;
-        let child = Command::new(&self.exe)
-            .arg("hydrate")
-            .arg("--volume-dir")
-            .arg(&p.dir)
-            .arg("--concurrency")
-            .arg(self.concurrency.to_string())
-            .arg("--bandwidth-mib")
-            .arg(self.bandwidth_mib.to_string())
-            .env("STRATA_STORE", url)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group: signals meant for the agent (a restart) do not reach it.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| Error::Io {
-                context: "start the hydrator".into(),
-                source,
+        let child =
+            spawn_hydrator(&self.exe, &p, &url, self.concurrency, self.bandwidth_mib).map_err(|source| {
+                Error::Io {
+                    context: "start the hydrator".into(),
+                    source,
+                }
             })?;
         tracing::info!(volume.id = %id, pid = child.id(), "hydrator started");
         self.children
@@ -142,7 +143,7 @@ impl Hydrators {
             .insert(id.to_owned(), child);
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
-            if Self::serving(&p) {
+            if p.served() {
                 return Ok(());
             }
             let exited = {
@@ -228,7 +229,7 @@ impl Hydrators {
             }
             let st = p.read_status().unwrap_or_default();
             let attached = !sys::loops_for(&p.lazy_data()).is_empty();
-            let act = (st.complete() && !attached) || (!Self::serving(&p) && !attached);
+            let act = (st.complete() && !attached) || (!p.served() && !attached);
             // Only acting needs the volume to itself; a busy volume waits for the next round.
             let _t = match act.then(|| guard.acquire(&id)) {
                 Some(Err(_)) => {
@@ -254,7 +255,7 @@ impl Hydrators {
             self.metrics
                 .hydration
                 .progress(&id, st.local_chunks, st.total_chunks);
-            if !Self::serving(&p) {
+            if !p.served() {
                 if attached {
                     continue; // reported as abnormal; needs a restage
                 }
@@ -291,7 +292,7 @@ impl Hydrators {
             volume_id: id.to_owned(),
         })?;
         self.stop(id).await?;
-        self.manager.finish_hydration(id, &rec.lineage, &p.files())?;
+        self.manager.finish_hydration(id, &rec.lineage)?;
         self.metrics.hydration.forget(id);
         let secs = (st.completed_unix_ms - st.started_unix_ms).max(0) as f64 / 1000.0;
         self.metrics.snapshot.restored(true, st.bytes_fetched, secs);

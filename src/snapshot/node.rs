@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use super::manifest::{self, read_manifest};
 use super::restore::{self, RestoreError};
 use super::upload::{self, now_ms, Progress, UploadError, UploadSpec};
-use crate::hydrate::HydrateRecord;
 use crate::proto::agent::SnapshotStatus;
 use crate::proto::store::Manifest;
 use crate::store::Store;
@@ -485,12 +484,7 @@ impl NodeSnapshots {
                 self.metrics
                     .snapshot
                     .committed(&m.stats.unwrap_or_default(), secs);
-                let lineage = LineageRecord {
-                    lineage: m.lineage.clone(),
-                    last_snapshot_id: m.snapshot_id.clone(),
-                    last_capture_unix_ms: m.capture_unix_ms,
-                    chunk_size: m.chunk_size,
-                };
+                let lineage = LineageRecord::of(&m);
                 if let Err(e) = self.manager.record_snapshot(&m.volume_id, &lineage) {
                     tracing::warn!(snapshot.id = %id, error = %e, "could not record the snapshot as the volume's parent");
                 }
@@ -575,20 +569,7 @@ impl NodeSnapshots {
             self.drop_lease(&lease_id).await;
             return Err(not_found());
         }
-        Ok(HydrateSeed {
-            record: HydrateRecord {
-                snapshot_id: snapshot_id.to_owned(),
-                lease_id,
-                lineage: LineageRecord {
-                    lineage: m.lineage.clone(),
-                    last_snapshot_id: m.snapshot_id.clone(),
-                    last_capture_unix_ms: m.capture_unix_ms,
-                    chunk_size: m.chunk_size,
-                },
-            },
-            manifest: manifest::encode_manifest(&m).to_vec(),
-            map: crate::hydrate::engine::initial_map(&m),
-        })
+        Ok(crate::hydrate::seed(&m, lease_id))
     }
 
     /// Drops a restore lease (the volume is gone); a failure only delays garbage collection.
@@ -618,12 +599,7 @@ impl NodeSnapshots {
     pub async fn fast_image(&self, snapshot_id: &str) -> Option<(PathBuf, LineageRecord)> {
         let image = self.fsr_image(snapshot_id)?;
         let m = read_manifest(self.store.as_ref()?, snapshot_id).await.ok()??;
-        let lineage = LineageRecord {
-            lineage: m.lineage,
-            last_snapshot_id: m.snapshot_id,
-            last_capture_unix_ms: m.capture_unix_ms,
-            chunk_size: m.chunk_size,
-        };
+        let lineage = LineageRecord::of(&m);
         Some((image, lineage))
     }
 

@@ -148,6 +148,18 @@ pub struct LineageRecord {
     pub chunk_size: u32,
 }
 
+impl LineageRecord {
+    /// The lineage a volume continues after snapshot `m` (its own, or the one it was restored from).
+    pub fn of(m: &crate::proto::store::Manifest) -> Self {
+        Self {
+            lineage: m.lineage.clone(),
+            last_snapshot_id: m.snapshot_id.clone(),
+            last_capture_unix_ms: m.capture_unix_ms,
+            chunk_size: m.chunk_size,
+        }
+    }
+}
+
 /// Which snapshot the kept base image belongs to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct BaseRecord {
@@ -566,23 +578,29 @@ impl VolumeManager {
         self.state(rec)
     }
 
+    /// FAILED_PRECONDITION while a loop device is attached to the volume (it is staged).
+    pub fn check_detached(&self, id: &str) -> Result<(), Error> {
+        let loops = self.loops(id)?;
+        if loops.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<_> = loops.iter().map(|l| l.name.as_str()).collect();
+        Err(Error::FailedPrecondition {
+            volume_id: id.to_owned(),
+            reason: format!(
+                "still staged (attached to {}); unstage it first",
+                names.join(", ")
+            ),
+        })
+    }
+
     /// Deletes a volume; OK when it does not exist. Refused while it is staged.
     pub async fn delete(&self, id: &str) -> Result<(), Error> {
         let dir = self.dir(id)?;
         if !dir.exists() {
             return Ok(());
         }
-        let loops = self.loops(id)?;
-        if !loops.is_empty() {
-            let names: Vec<_> = loops.iter().map(|l| l.name.as_str()).collect();
-            return Err(Error::FailedPrecondition {
-                volume_id: id.to_owned(),
-                reason: format!(
-                    "still staged (attached to {}); unstage it first",
-                    names.join(", ")
-                ),
-            });
-        }
+        self.check_detached(id)?;
         let trash = self
             .root
             .join("trash")
@@ -626,7 +644,9 @@ impl VolumeManager {
         let stage = self.read_stage(&record.id)?;
         let loops = self.loops(&record.id)?;
         let hp = crate::hydrate::Paths::new(&self.dir(&record.id)?);
-        let hydration = hp.hydrating().then(|| hp.read_status().unwrap_or_default());
+        let hydrating =
+            record::read::<crate::hydrate::HydrateRecord>(&hp.record(), crate::hydrate::HYDRATE_RECORD)?;
+        let hydration = hydrating.as_ref().map(|_| hp.read_status().unwrap_or_default());
         let device = loops.iter().find(|l| !l.read_only).cloned();
         let dev_nums: Vec<(u32, u32)> = loops.iter().filter_map(sys::loop_dev_numbers).collect();
         let loop_roots: Vec<String> = loops.iter().map(|l| format!("/{}", l.name)).collect();
@@ -662,9 +682,8 @@ impl VolumeManager {
                 _ => None,
             },
         };
-        let hydrator_gone = hydration.is_some()
-            && !sys::loops_for(&hp.lazy_data()).is_empty()
-            && std::fs::metadata(hp.lazy_data()).is_err();
+        let hydrator_gone =
+            hydration.is_some() && !sys::loops_for(&hp.lazy_data()).is_empty() && !hp.served();
         let abnormal = abnormal.or_else(|| match &hydration {
             _ if hydrator_gone => Some(
                 "its hydrator stopped while the volume was attached: I/O fails until it is unstaged and staged again"
@@ -673,13 +692,7 @@ impl VolumeManager {
             Some(h) if h.permanent => Some(format!("hydration cannot complete: {}", h.error)),
             _ => None,
         });
-        let restoring = hydration.as_ref().map(|_| {
-            record::read::<crate::hydrate::HydrateRecord>(&hp.record(), crate::hydrate::HYDRATE_RECORD)
-                .ok()
-                .flatten()
-                .map(|r| r.snapshot_id)
-                .unwrap_or_default()
-        });
+        let restoring = hydrating.map(|r| r.snapshot_id);
         Ok(VolumeState {
             allocated_bytes: allocated(&data),
             record,
@@ -1147,20 +1160,15 @@ impl VolumeManager {
 
     /// Marks a hydration complete: the volume inherits the snapshot's lineage and runs on its
     /// plain file. The hydration record goes last, so a crash in between only repeats this.
-    pub fn finish_hydration(
-        &self,
-        id: &str,
-        lineage: &LineageRecord,
-        files: &[PathBuf],
-    ) -> Result<(), Error> {
+    pub fn finish_hydration(&self, id: &str, lineage: &LineageRecord) -> Result<(), Error> {
         let dir = self.dir(id)?;
         // A snapshot taken while hydrating has already recorded a newer parent: keep it.
         if record::read::<LineageRecord>(&dir.join("lineage.rec"), LINEAGE_RECORD)?.is_none() {
             record::write(&dir.join("lineage.rec"), LINEAGE_RECORD, lineage)?;
         }
         let p = crate::hydrate::Paths::new(&dir);
-        for f in files.iter().filter(|f| **f != p.record()) {
-            match std::fs::remove_file(f) {
+        for f in p.working_files() {
+            match std::fs::remove_file(&f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io(format!("remove {}", f.display()))(e)),

@@ -534,6 +534,20 @@ pub async fn create_volume(ctl: &mut ControllerClient<Channel>, req: pb::CreateV
     ctl.create_volume(req).await.unwrap().into_inner().volume.unwrap()
 }
 
+/// Creates a block volume from `req` and stages and publishes it on node `node` (the node it lands
+/// on). Returns (volume id, staging path, device path).
+pub async fn attached_block_volume(
+    bed: &TestBed,
+    ctl: &mut ControllerClient<Channel>,
+    node: usize,
+    req: pb::CreateVolumeRequest,
+) -> (String, PathBuf, PathBuf) {
+    let (staging, target) = bed.kubelet_paths(&req.name);
+    let id = create_volume(ctl, req).await.volume_id;
+    attach(&mut bed.node(node).await, &id, &staging, &target, block_cap()).await;
+    (id, staging, target)
+}
+
 /// A CreateSnapshot request for `source`.
 pub fn snapshot_req(name: &str, source: &str) -> pb::CreateSnapshotRequest {
     pb::CreateSnapshotRequest {
