@@ -44,6 +44,14 @@ pub fn manifest_key(snapshot_id: &str) -> String {
     format!("snapshots/{snapshot_id}.manifest")
 }
 
+/// Where tombstones of deleted snapshots live (see [`crate::snapshot::gc`]).
+pub const TOMBSTONE_PREFIX: &str = "deleted/";
+
+/// Key of a deleted snapshot's tombstone: a copy of its manifest.
+pub fn tombstone_key(snapshot_id: &str) -> String {
+    format!("{TOMBSTONE_PREFIX}{snapshot_id}.manifest")
+}
+
 /// Key of a lease.
 pub fn lease_key(id: &str) -> String {
     format!("leases/{id}")
@@ -110,6 +118,34 @@ pub async fn read_manifest(store: &Store, snapshot_id: &str) -> Result<Option<Ma
 /// Commits a snapshot by writing its manifest.
 pub async fn write_manifest(store: &Store, m: &Manifest) -> Result<(), StoreError> {
     store.put(&manifest_key(&m.snapshot_id), encode_manifest(m)).await
+}
+
+/// Deletes a snapshot: its tombstone (a copy of the manifest) first, then the manifest. The
+/// tombstone keeps the chunks for one grace period, for uploads and restores that checked the
+/// snapshot live just before (see [`crate::snapshot::gc`]). OK when the snapshot does not exist.
+pub async fn delete_snapshot(store: &Store, snapshot_id: &str) -> Result<(), ManifestError> {
+    let key = manifest_key(snapshot_id);
+    let data = match store.get(&key).await {
+        Ok(d) => d,
+        Err(StoreError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    // A damaged manifest still goes; its tombstone is only written when it can be read back.
+    if decode_manifest(&key, &data).is_ok() {
+        store.put(&tombstone_key(snapshot_id), data).await?;
+    }
+    store.delete(&key).await?;
+    Ok(())
+}
+
+/// Whether a snapshot is live: no tombstone, then its manifest exists (in that order: a delete
+/// writes the tombstone first, so a snapshot seen live here was deleted, if at all, after this
+/// call began). Uploads and restores call it after writing their lease.
+pub async fn snapshot_live(store: &Store, snapshot_id: &str) -> Result<bool, StoreError> {
+    if store.exists(&tombstone_key(snapshot_id)).await? {
+        return Ok(false);
+    }
+    store.exists(&manifest_key(snapshot_id)).await
 }
 
 /// Ids of all committed snapshots, sorted.

@@ -561,8 +561,7 @@ impl NodeSnapshots {
             .await
             .map_err(manifest::ManifestError::from)?;
         // A delete that ran between the read and the lease: its GC may not have seen the lease.
-        if !store
-            .exists(&manifest::manifest_key(snapshot_id))
+        if !manifest::snapshot_live(store, snapshot_id)
             .await
             .map_err(manifest::ManifestError::from)?
         {

@@ -11,7 +11,7 @@ use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::chunk::{self, ChunkError, Hash};
-use super::manifest::{self, lease_key, manifest_key};
+use super::manifest::{self, lease_key};
 use super::upload::Progress;
 use crate::proto::store::Manifest;
 use crate::store::{Store, StoreError};
@@ -84,7 +84,7 @@ async fn restore_leased(
     concurrency: usize,
     cancel: &CancellationToken,
 ) -> Result<(), RestoreError> {
-    if !store.exists(&manifest_key(&m.snapshot_id)).await? {
+    if !manifest::snapshot_live(store, &m.snapshot_id).await? {
         return Err(RestoreError::SnapshotGone {
             snapshot_id: m.snapshot_id.clone(),
         });

@@ -3,7 +3,8 @@
 //!
 //! Resumable: every finished chunk is appended to a progress log next to the clone, so an upload
 //! interrupted by a crash continues where it was. Safe against GC: a lease listing the parent's
-//! chunks is written before any of them is relied upon (see [`super::gc`]).
+//! chunks is written before any of them is relied upon, and the chunks PUT are checked once no
+//! sweep runs, before the manifest is written (see [`super::gc`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -17,7 +18,7 @@ use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::chunk::{self, Hash};
-use super::manifest::{self, lease_key, manifest_key, read_manifest, ManifestError};
+use super::manifest::{self, lease_key, read_manifest, ManifestError};
 use crate::proto::store::{ChunkRef, Codec, Lease, Manifest, Stats};
 use crate::store::{Store, StoreError};
 
@@ -94,6 +95,17 @@ pub enum UploadError {
     /// The upload was cancelled (snapshot deleted, shutdown).
     #[error("upload cancelled")]
     Cancelled,
+    /// The volume was captured while hydrating, and the chunks it had not fetched yet are no
+    /// longer protected: its restore ended and the restored snapshot was deleted before this
+    /// upload's lease was in place.
+    #[error(
+        "snapshot {restored} (restored into this volume, which was still hydrating when captured) was \
+         deleted before the upload could protect its chunks: take the snapshot again"
+    )]
+    RestoredGone {
+        /// The restored snapshot.
+        restored: String,
+    },
 }
 
 enum Outcome {
@@ -138,6 +150,8 @@ fn overlaps(ranges: &[(u64, u64)], off: u64, len: u64) -> bool {
 /// Chunks of a hydrating volume still holding the restored snapshot's data.
 #[derive(Debug, Default)]
 struct RestoredChunks {
+    /// The restored snapshot.
+    source: String,
     /// Index -> (hash, stored size) of the restored snapshot.
     known: HashMap<u64, (Hash, u32)>,
     /// Zero in the restored snapshot and not written since.
@@ -158,7 +172,10 @@ fn restored_chunks(dir: &Path, chunk_size: u32) -> Result<RestoredChunks, Upload
         // Another lineage's chunking: nothing can be matched by index.
         return Ok(RestoredChunks::default());
     }
-    let mut out = RestoredChunks::default();
+    let mut out = RestoredChunks {
+        source: m.snapshot_id.clone(),
+        ..Default::default()
+    };
     let mut in_manifest = HashSet::new();
     for c in &m.chunks {
         in_manifest.insert(c.index);
@@ -216,7 +233,7 @@ pub async fn upload(
         .filter_map(|c| Some((c.hash.as_slice().try_into().ok()?, c.stored_size)))
         .collect();
     // The lease goes first; only then may the parent's chunks be relied upon, and only if the
-    // parent still exists after the lease is in place (GC reads manifests before leases).
+    // parent is still live after the lease is in place (see the table in `super::gc`).
     // A resumed upload keeps relying on the chunks its progress log records (some reused from a
     // parent that may be gone by now): the new lease must go on protecting them.
     let done = Arc::new(load_progress(progress_log));
@@ -237,7 +254,19 @@ pub async fn upload(
         },
     )
     .await?;
-    if parent.is_some() && !store.exists(&manifest_key(&spec.parent_id)).await? {
+    // The restored snapshot's chunks are relied upon from here: still protected by the restore's
+    // lease, or by the snapshot being live (see the table in `super::gc`).
+    if !restored.known.is_empty()
+        && !store
+            .exists(&lease_key(&format!("restore-{}", spec.volume_id)))
+            .await?
+        && !manifest::snapshot_live(store, &restored.source).await?
+    {
+        return Err(UploadError::RestoredGone {
+            restored: restored.source.clone(),
+        });
+    }
+    if parent.is_some() && !manifest::snapshot_live(store, &spec.parent_id).await? {
         tracing::warn!(snapshot.id = %spec.snapshot_id, parent = %spec.parent_id, "parent deleted; uploading in full");
         parent_chunks.clear();
     }
@@ -390,6 +419,8 @@ pub async fn upload(
     tokio::pin!(results);
 
     let mut refs = Vec::new();
+    // Chunks this upload PUT, now or before a restart: checked once no sweep runs (`fence`).
+    let mut put_here: Vec<(u64, Hash)> = Vec::new();
     let mut stats = Stats::default();
     while let Some(r) = results.next().await {
         let (index, hash, stored) = match r? {
@@ -410,6 +441,7 @@ pub async fn upload(
                     stats.bytes_reused += raw_len;
                 } else {
                     // Uploaded before a restart.
+                    put_here.push((index, hash));
                     stats.chunks_new += 1;
                     stats.bytes_new += raw_len;
                     stats.bytes_uploaded += u64::from(stored);
@@ -422,6 +454,7 @@ pub async fn upload(
                 stored,
                 raw_len,
             } => {
+                put_here.push((index, hash));
                 stats.chunks_new += 1;
                 stats.bytes_new += raw_len;
                 stats.bytes_uploaded += u64::from(stored);
@@ -461,12 +494,82 @@ pub async fn upload(
         block: spec.block,
         committed_unix_ms: now_ms(),
     };
+    fence(store, &file, &put_here, size, cs, cancel).await?;
     if cancel.is_cancelled() {
         return Err(UploadError::Cancelled);
     }
     manifest::write_manifest(store, &m).await?;
     store.delete(&lease_key(&spec.snapshot_id)).await?;
     Ok(m)
+}
+
+/// Makes sure every chunk this upload PUT still exists before the manifest names it. A GC sweep
+/// lists chunks, then deletes the old unreferenced ones: if this upload PUT a chunk whose
+/// content equals such a garbage chunk after the listing, the sweep deletes the new copy. So:
+/// wait until no sweep marker is in place (every sweep that listed before a PUT here has ended),
+/// then check each chunk, PUT again (read from the image) those gone, and repeat until a check
+/// finds them all. A sweep that starts later lists the new modification time, and this upload's
+/// lease protects the chunk (see `super::gc`).
+async fn fence(
+    store: &Store,
+    file: &Arc<std::fs::File>,
+    chunks: &[(u64, Hash)],
+    size: u64,
+    cs: u64,
+    cancel: &CancellationToken,
+) -> Result<(), UploadError> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    loop {
+        let mut pause = std::time::Duration::from_millis(10);
+        while super::gc::sweep_running(store).await? {
+            if cancel.is_cancelled() {
+                return Err(UploadError::Cancelled);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
+        let checks: Vec<(u64, Hash, Result<bool, StoreError>)> = stream::iter(chunks.iter().copied())
+            .map(|(i, h)| async move { (i, h, store.exists(&chunk::key(&h)).await) })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut missing = Vec::new();
+        for (i, h, present) in checks {
+            if !present? {
+                missing.push((i, h));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            chunks = missing.len(),
+            "chunks removed by a concurrent GC sweep (same content as garbage): uploading them again"
+        );
+        for (index, hash) in missing {
+            let f = file.clone();
+            let (off, len) = (index * cs, cs.min(size - index * cs));
+            let encoded = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, off)?;
+                if chunk::hash(&buf) != hash {
+                    return Err(std::io::Error::other(
+                        "the captured image changed during the upload",
+                    ));
+                }
+                Ok(chunk::encode(&buf, 1))
+            })
+            .await
+            .expect("chunk task panicked")
+            .map_err(|source| UploadError::Io {
+                context: format!("read chunk {index} again"),
+                source,
+            })?;
+            store.put(&chunk::key(&hash), encoded).await?;
+        }
+    }
 }
 
 /// Chunk indexes whose extents are the same in `base` and `clone` (unchanged since the base).

@@ -2,8 +2,8 @@
 //!
 //! One store is an S3 bucket + prefix ([`s3`]) or a local directory ([`local`], the embedded
 //! default). Callers see [`ObjectStore`] behind an `Arc`; [`retry::Retrying`] wraps every store
-//! so transient failures are retried with backoff in one place, and [`unreliable`] injects faults
-//! for tests.
+//! so transient failures are retried with backoff in one place, [`unreliable`] injects faults
+//! for tests and [`pausable`] orders concurrent callers' calls (and skews the store's clock).
 //!
 //! Keys (relative to the store's prefix):
 //!
@@ -11,9 +11,12 @@
 //! chunks/<aa>/<bb>/<blake3-hex>   immutable chunk objects (see snapshot::chunk)
 //! snapshots/<snap-id>.manifest    the commit point of a snapshot (see snapshot::manifest)
 //! leases/<id>                     chunks an upload or restore in progress relies on (see snapshot::gc)
+//! deleted/<snap-id>.manifest      tombstone of a deleted snapshot, kept for the GC grace
+//! gc/clock-<uuid>                 a collector's marker, written to read the store's clock
 //! ```
 
 pub mod local;
+pub mod pausable;
 pub mod retry;
 pub mod s3;
 pub mod unreliable;
@@ -102,6 +105,14 @@ pub fn check_key(key: &str) -> Result<(), StoreError> {
 /// * `s3://bucket/prefix?endpoint=http://host:port&region=us-east-1&path_style=true`: S3 (credentials
 ///   from the standard AWS environment variables, profile files or web identity).
 pub async fn open(url: &str) -> Result<Store, StoreError> {
+    open_counting(url, Arc::default()).await
+}
+
+/// [`open`], counting the store's retries in `retries` (the process's metric).
+pub async fn open_counting(
+    url: &str,
+    retries: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Store, StoreError> {
     let inner: Store = if let Some(rest) = url.strip_prefix("s3://") {
         Arc::new(s3::S3Store::from_url(rest).await?)
     } else {
@@ -113,7 +124,7 @@ pub async fn open(url: &str) -> Result<Store, StoreError> {
         }
         Arc::new(local::LocalStore::open(std::path::Path::new(path))?)
     };
-    Ok(Arc::new(retry::Retrying::new(inner)))
+    Ok(Arc::new(retry::Retrying::new(inner).counting(retries)))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,11 +31,14 @@ impl Default for Policy {
     }
 }
 
-/// Retries performed by all stores of this process (exported as a metric).
-pub static RETRIES: AtomicU64 = AtomicU64::new(0);
-
-/// Runs `op` until it succeeds, fails permanently, or the attempts run out.
-pub async fn retry<T, F, Fut>(policy: Policy, what: &str, mut op: F) -> Result<T, StoreError>
+/// Runs `op` until it succeeds, fails permanently, or the attempts run out, counting each retry
+/// in `retries`.
+pub async fn retry<T, F, Fut>(
+    policy: Policy,
+    retries: &AtomicU64,
+    what: &str,
+    mut op: F,
+) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -46,7 +50,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_permanent() || attempt >= policy.attempts => return Err(e),
             Err(e) => {
-                RETRIES.fetch_add(1, Ordering::Relaxed);
+                retries.fetch_add(1, Ordering::Relaxed);
                 // Jitter from the clock's nanoseconds: enough to spread synchronized retries.
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -67,38 +71,56 @@ where
 pub struct Retrying {
     inner: Store,
     policy: Policy,
+    /// Retries made through this store, and only this one (the process's metric shares it; two
+    /// stores, or two tests in one process, never count each other's retries).
+    retries: Arc<AtomicU64>,
 }
 
 impl Retrying {
     /// Wraps `inner` with the default policy.
     pub fn new(inner: Store) -> Self {
-        Self {
-            inner,
-            policy: Policy::default(),
-        }
+        Self::with_policy(inner, Policy::default())
     }
 
     /// Wraps `inner` with `policy`.
     pub fn with_policy(inner: Store, policy: Policy) -> Self {
-        Self { inner, policy }
+        Self {
+            inner,
+            policy,
+            retries: Arc::default(),
+        }
+    }
+
+    /// Counts this store's retries in `retries` (a counter the caller exports or inspects).
+    pub fn counting(mut self, retries: Arc<AtomicU64>) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Retries made through this store so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }
 
 #[tonic::async_trait]
 impl ObjectStore for Retrying {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        retry(self.policy, key, || self.inner.put(key, data.clone())).await
+        retry(self.policy, &self.retries, key, || {
+            self.inner.put(key, data.clone())
+        })
+        .await
     }
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        retry(self.policy, key, || self.inner.get(key)).await
+        retry(self.policy, &self.retries, key, || self.inner.get(key)).await
     }
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        retry(self.policy, key, || self.inner.exists(key)).await
+        retry(self.policy, &self.retries, key, || self.inner.exists(key)).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        retry(self.policy, key, || self.inner.delete(key)).await
+        retry(self.policy, &self.retries, key, || self.inner.delete(key)).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        retry(self.policy, prefix, || self.inner.list(prefix)).await
+        retry(self.policy, &self.retries, prefix, || self.inner.list(prefix)).await
     }
 }
