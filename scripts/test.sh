@@ -22,7 +22,8 @@ fi
 log=$(mktemp)
 [ -n "${STRATA_KEEP_S3:-}" ] && trap 'rm -f "$log"' EXIT
 set +e
-cargo test --locked "$@" 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary must not hide the results of the others.
+cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run, summed over every test binary.

@@ -3,6 +3,22 @@
 /// Longest id or name accepted anywhere (the CSI spec recommends at most 128 bytes).
 pub const MAX_ID_LEN: usize = 128;
 
+/// Most characters of a caller's value repeated in an error message. gRPC carries the message in
+/// a header, and headers over 8 KiB make the client see RESOURCE_EXHAUSTED instead of the answer.
+pub const ECHO_LEN: usize = 64;
+
+/// A caller's value as it may appear in a message: quoted, escaped, and cut after [`ECHO_LEN`]
+/// characters (the cut says how long the value was). Every message that repeats input uses this.
+pub fn echo(value: &str) -> String {
+    let escaped: String = value.escape_debug().take(ECHO_LEN + 1).collect();
+    if escaped.chars().count() <= ECHO_LEN {
+        format!("\"{escaped}\"")
+    } else {
+        let head: String = escaped.chars().take(ECHO_LEN).collect();
+        format!("\"{head}\"... ({} bytes)", value.len())
+    }
+}
+
 /// Fixed namespace for name-derived volume ids: the same CreateVolume name always yields the
 /// same id, which makes CreateVolume idempotent even across a controller restart.
 const VOLUME_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5f1a_7a3e_2c4b_4d8e_9a61_0c3b_7e2d_9f10);
@@ -39,16 +55,13 @@ pub fn check_id(what: &str, id: &str) -> Result<(), String> {
         return Err(format!("{what} is longer than {MAX_ID_LEN} bytes"));
     }
     if id.starts_with('.') {
-        return Err(format!("{what} {id:?} starts with a dot"));
+        return Err(format!("{what} {} starts with a dot", echo(id)));
     }
     if let Some(c) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
     {
-        return Err(format!(
-            "{what} {:?} contains the character {c:?}",
-            id.escape_debug().to_string()
-        ));
+        return Err(format!("{what} {} contains the character {c:?}", echo(id)));
     }
     Ok(())
 }
@@ -76,13 +89,13 @@ pub fn check_path(what: &str, path: &str) -> Result<(), String> {
         return Err(format!("{what} is longer than 4096 bytes"));
     }
     if !path.starts_with('/') {
-        return Err(format!("{what} {path:?} is not absolute"));
+        return Err(format!("{what} {} is not absolute", echo(path)));
     }
     if path.contains('\0') {
         return Err(format!("{what} contains NUL"));
     }
     if path.split('/').any(|c| c == "..") {
-        return Err(format!("{what} {path:?} contains '..'"));
+        return Err(format!("{what} {} contains '..'", echo(path)));
     }
     Ok(())
 }
@@ -121,6 +134,27 @@ mod tests {
             assert!(check_path("p", bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_path("p", "/var/lib/kubelet/x").is_ok());
+    }
+
+    #[test]
+    fn echoed_values_are_bounded() {
+        assert_eq!(echo("vol-1"), "\"vol-1\"");
+        let long = "x".repeat(10_000);
+        let e = echo(&long);
+        assert!(e.len() < ECHO_LEN + 32, "{e}");
+        assert!(e.ends_with("(10000 bytes)"), "{e}");
+        // Escaping cannot grow a value past the bound either.
+        let ctl = "\u{1}".repeat(4000);
+        assert!(echo(&ctl).len() < ECHO_LEN + 32);
+        // Multi-byte characters are never cut in half.
+        assert!(echo(&"é".repeat(100)).starts_with("\"éé"));
+        for bad in [long.as_str(), ctl.as_str(), "/a/../b"] {
+            for r in [check_id("id", bad), check_path("p", bad), check_name("n", bad)] {
+                if let Err(m) = r {
+                    assert!(m.len() < 200, "{m}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,11 @@ use tonic::Code;
 
 const TWO_ZONES: &[(&str, &str)] = &[("node-a", "zone-a"), ("node-b", "zone-b")];
 
+fn sorted(mut v: Vec<i32>) -> Vec<i32> {
+    v.sort();
+    v
+}
+
 #[tokio::test]
 async fn identity_and_capabilities() {
     let bed = TestBed::start(&[("node-a", "zone-a")]).await;
@@ -36,8 +41,27 @@ async fn identity_and_capabilities() {
         })
         .collect();
     use pb::plugin_capability::service::Type as S;
-    assert!(services.contains(&(S::ControllerService as i32)));
-    assert!(services.contains(&(S::VolumeAccessibilityConstraints as i32)));
+    assert_eq!(
+        sorted(services),
+        sorted(vec![
+            S::ControllerService as i32,
+            S::VolumeAccessibilityConstraints as i32,
+            S::GroupControllerService as i32,
+        ]),
+        "plugin service capabilities"
+    );
+    let expansion: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(pb::plugin_capability::Type::VolumeExpansion(e)) => Some(e.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        expansion,
+        vec![pb::plugin_capability::volume_expansion::Type::Online as i32]
+    );
     assert_eq!(
         id.probe(pb::ProbeRequest {}).await.unwrap().into_inner().ready,
         Some(true)
@@ -68,21 +92,56 @@ async fn identity_and_capabilities() {
             _ => None,
         })
         .collect();
-    for want in [
-        N::StageUnstageVolume,
-        N::ExpandVolume,
-        N::GetVolumeStats,
-        N::VolumeCondition,
-    ] {
-        assert!(rpcs.contains(&(want as i32)), "{want:?} not advertised");
-    }
+    // Exactly what the node implements (DESIGN.md §2): advertising more would make the CO call
+    // what is not there, less would hide what is.
+    assert_eq!(
+        sorted(rpcs),
+        sorted(vec![
+            N::StageUnstageVolume as i32,
+            N::ExpandVolume as i32,
+            N::GetVolumeStats as i32,
+            N::VolumeCondition as i32,
+            N::SingleNodeMultiWriter as i32,
+        ]),
+        "node capabilities"
+    );
     let mut ctl = bed.controller().await;
     let ccaps = ctl
         .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert!(ccaps.capabilities.len() >= 6);
+    use pb::controller_service_capability::rpc::Type as C;
+    let crpcs: Vec<i32> = ccaps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(pb::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        crpcs.len(),
+        ccaps.capabilities.len(),
+        "a capability without an RPC type"
+    );
+    assert_eq!(
+        sorted(crpcs),
+        sorted(vec![
+            C::CreateDeleteVolume as i32,
+            C::ListVolumes as i32,
+            C::GetCapacity as i32,
+            C::ExpandVolume as i32,
+            C::GetVolume as i32,
+            C::VolumeCondition as i32,
+            C::SingleNodeMultiWriter as i32,
+            C::CreateDeleteSnapshot as i32,
+            C::ListSnapshots as i32,
+            C::GetSnapshot as i32,
+            C::CloneVolume as i32,
+        ]),
+        "controller capabilities"
+    );
     // An RPC we do not advertise answers UNIMPLEMENTED.
     let r = ctl
         .controller_publish_volume(pb::ControllerPublishVolumeRequest::default())
@@ -236,7 +295,11 @@ async fn concurrent_creates_of_one_name_make_one_volume() {
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => ok += 1,
-            Err(s) => assert_eq!(s.code(), Code::Aborted, "unexpected: {s:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Aborted, "unexpected: {s:?}");
+                // The answer says which call holds the volume, so a user can tell.
+                assert!(s.message().contains("CreateVolume"), "{}", s.message());
+            }
         }
     }
     assert!(ok >= 1);
@@ -684,4 +747,281 @@ async fn metrics_count_rpcs_by_method_and_code() {
         "metrics were:\n{m}"
     );
     assert!(m.contains("strata_store_retries_total"));
+}
+
+/// Both access types, as csi-sanity runs them: (tag, capability with `mode`).
+fn access_types(mode: Mode) -> [(&'static str, pb::VolumeCapability); 2] {
+    [
+        ("mount", mount_cap_mode("ext4", mode)),
+        ("block", block_cap_mode(mode)),
+    ]
+}
+
+fn stats_req(id: &str, path: &str) -> pb::NodeGetVolumeStatsRequest {
+    pb::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    }
+}
+
+fn node_expand_req(id: &str, path: &str) -> pb::NodeExpandVolumeRequest {
+    pb::NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 32 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// csi-sanity "should fail when the volume is attempted to be published to a second target path
+/// with SINGLE_NODE_SINGLE_WRITER" (Kubernetes ReadWriteOncePod): FAILED_PRECONDITION. The node
+/// keeps each publish's mode, so this holds across an agent restart, and a single-writer publish
+/// also refuses a shared one beside it.
+#[tokio::test]
+async fn single_writer_volumes_publish_at_one_target_only() {
+    let mut bed = TestBed::start(&[("node-a", "zone-a")]).await;
+    let mut ctl = bed.controller().await;
+    for (tag, sw) in access_types(Mode::SingleNodeSingleWriter) {
+        let shared = match tag {
+            "mount" => mount_cap("ext4"),
+            _ => block_cap(),
+        };
+        let v = create_volume(&mut ctl, create_req(&format!("rwop-{tag}"), 16 * MIB, sw.clone())).await;
+        let id = v.volume_id;
+        let (staging, t1) = bed.kubelet_paths(&format!("rwop-{tag}-1"));
+        let t2 = bed.kubelet_paths(&format!("rwop-{tag}-2")).1;
+        let t3 = bed.kubelet_paths(&format!("rwop-{tag}-3")).1;
+        let mut node = bed.node(0).await;
+        node.node_stage_volume(stage_req(&id, &staging, sw.clone()))
+            .await
+            .unwrap();
+        let publish = |t: &std::path::Path, cap: &pb::VolumeCapability| {
+            publish_req(&id, &staging, t, cap.clone(), false)
+        };
+        node.node_publish_volume(publish(&t1, &sw)).await.unwrap();
+        // The same publish again is idempotent.
+        node.node_publish_volume(publish(&t1, &sw)).await.unwrap();
+        let second = node.node_publish_volume(publish(&t2, &sw)).await;
+        assert_eq!(
+            code(second),
+            Code::FailedPrecondition,
+            "{tag}: second single-writer publish"
+        );
+        assert!(sys_mount_absent(&t2), "{tag}: a refused publish left a mount");
+
+        // The first publish's mode outlives the agent: a shared publish beside it is refused too.
+        bed.kill_node(0);
+        bed.start_node(0, &[]).await;
+        let mut node = bed.node(0).await;
+        let beside = node.node_publish_volume(publish(&t2, &shared)).await.unwrap_err();
+        assert_eq!(beside.code(), Code::FailedPrecondition, "{tag}: {beside:?}");
+        assert!(
+            beside.message().contains("SINGLE_NODE_SINGLE_WRITER"),
+            "{tag}: {}",
+            beside.message()
+        );
+
+        // Once unpublished, another target may take it; shared publishes coexist, but a
+        // single-writer one is refused beside them.
+        node.node_unpublish_volume(unpublish_req(&id, &t1)).await.unwrap();
+        node.node_publish_volume(publish(&t2, &sw)).await.unwrap();
+        node.node_unpublish_volume(unpublish_req(&id, &t2)).await.unwrap();
+        node.node_publish_volume(publish(&t1, &shared)).await.unwrap();
+        node.node_publish_volume(publish(&t2, &shared)).await.unwrap();
+        assert_eq!(
+            code(node.node_publish_volume(publish(&t3, &sw)).await),
+            Code::FailedPrecondition,
+            "{tag}: single-writer publish beside shared ones"
+        );
+        for t in [&t1, &t2] {
+            node.node_unpublish_volume(unpublish_req(&id, t)).await.unwrap();
+        }
+        node.node_unstage_volume(unstage_req(&id, &staging))
+            .await
+            .unwrap();
+    }
+}
+
+fn sys_mount_absent(p: &std::path::Path) -> bool {
+    strata::volume::sys::mount_at(p).is_none()
+}
+
+/// csi-sanity NodeGetVolumeStats "should fail when volume is not found" / "when volume does not
+/// exist on the specified path" and NodeExpandVolume "should fail when volume is not found", all
+/// with the relative path `some/path`: NOT_FOUND, as the reference driver answers. The volume is
+/// looked up before the path is judged.
+#[tokio::test]
+async fn node_stats_and_expand_look_the_volume_up_before_the_path() {
+    let bed = TestBed::start(&[("node-a", "zone-a")]).await;
+    let mut ctl = bed.controller().await;
+    let mut node = bed.node(0).await;
+    for id in ["id", "vol-unknown"] {
+        let s = node.node_get_volume_stats(stats_req(id, "some/path")).await;
+        assert_eq!(code(s), Code::NotFound, "stats of unknown {id}");
+        let e = node.node_expand_volume(node_expand_req(id, "some/path")).await;
+        assert_eq!(code(e), Code::NotFound, "expand of unknown {id}");
+    }
+    let mut targets = Vec::new();
+    for (tag, cap) in access_types(Mode::SingleNodeWriter) {
+        let v = create_volume(&mut ctl, create_req(&format!("st-{tag}"), 16 * MIB, cap.clone())).await;
+        let (staging, target) = bed.kubelet_paths(&format!("st-{tag}"));
+        attach(&mut node, &v.volume_id, &staging, &target, cap).await;
+        targets.push((tag, v.volume_id, target));
+    }
+    for (tag, id, target) in &targets {
+        let good = node
+            .node_get_volume_stats(stats_req(id, &target.to_string_lossy()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(good.usage[0].total > 0, "{tag}: {good:?}");
+        let nowhere = bed.dir.join("nowhere").to_string_lossy().into_owned();
+        let not_it = bed.dir.to_string_lossy().into_owned();
+        for path in ["some/path", nowhere.as_str(), not_it.as_str()] {
+            let s = node.node_get_volume_stats(stats_req(id, path)).await;
+            assert_eq!(code(s), Code::NotFound, "{tag}: stats at {path}");
+        }
+        let e = node.node_expand_volume(node_expand_req(id, "some/path")).await;
+        assert_eq!(code(e), Code::NotFound, "{tag}: expand at some/path");
+        // A required field is still INVALID_ARGUMENT.
+        let s = node.node_get_volume_stats(stats_req(id, "")).await;
+        assert_eq!(code(s), Code::InvalidArgument, "{tag}: stats without a path");
+        let e = node.node_expand_volume(node_expand_req(id, "")).await;
+        assert_eq!(code(e), Code::InvalidArgument, "{tag}: expand without a path");
+    }
+    // Another volume's publish is not where this volume is, block devices included.
+    let (_, mount_id, mount_target) = &targets[0];
+    let (_, block_id, block_target) = &targets[1];
+    for (id, other) in [(mount_id, block_target), (block_id, mount_target)] {
+        let s = node
+            .node_get_volume_stats(stats_req(id, &other.to_string_lossy()))
+            .await;
+        assert_eq!(code(s), Code::NotFound, "{id} at {}", other.display());
+    }
+}
+
+/// GetSnapshot validates its id like every other RPC (INVALID_ARGUMENT, not NOT_FOUND), and no
+/// answer echoes more of a caller's value than fits: gRPC carries the message in a header, and a
+/// header over 8 KiB reaches the client as RESOURCE_EXHAUSTED instead of the answer.
+#[tokio::test]
+async fn ids_are_validated_and_echoed_input_is_bounded() {
+    let bed = TestBed::start(&[("node-a", "zone-a")]).await;
+    let mut ctl = bed.controller().await;
+    let mut node = bed.node(0).await;
+    let huge = "x".repeat(10_000);
+    let get = |id: &str| pb::GetSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    for id in ["../../../etc/passwd", huge.as_str()] {
+        let e = ctl.get_snapshot(get(id)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "GetSnapshot {:.40}: {e:?}", id);
+        assert!(
+            e.message().len() < 512,
+            "GetSnapshot echoed {} bytes",
+            e.message().len()
+        );
+    }
+    assert_eq!(
+        code(ctl.get_snapshot(get("snap-does-not-exist")).await),
+        Code::NotFound
+    );
+    // Values that reach a message elsewhere, each 10,000 characters (or escaped to more).
+    let bounded = |what: &str, r: Result<(), tonic::Status>, want: Code| {
+        let e = r.expect_err(what);
+        assert_eq!(e.code(), want, "{what}: {e:?}");
+        assert!(
+            e.message().len() < 512,
+            "{what}: {} bytes of message",
+            e.message().len()
+        );
+    };
+    let mut r = create_req("p", 16 * MIB, mount_cap("ext4"));
+    r.parameters.insert(huge.clone(), "v".into());
+    bounded(
+        "CreateVolume parameter",
+        ctl.create_volume(r).await.map(drop),
+        Code::InvalidArgument,
+    );
+    let (staging, _) = bed.kubelet_paths("echo");
+    // A relative path of control characters, which are escaped in messages: 4,000 of them would
+    // be 24,000 bytes.
+    let control = "\u{1}".repeat(4000);
+    for (tag, cap) in access_types(Mode::SingleNodeWriter) {
+        let r = node
+            .node_stage_volume(stage_req(&huge, &staging, cap.clone()))
+            .await;
+        bounded(
+            &format!("NodeStageVolume id ({tag})"),
+            r.map(drop),
+            Code::InvalidArgument,
+        );
+        let r = node
+            .node_stage_volume(stage_req("vol-x", std::path::Path::new(&control), cap))
+            .await;
+        bounded(
+            &format!("NodeStageVolume path ({tag})"),
+            r.map(drop),
+            Code::InvalidArgument,
+        );
+    }
+    let r = node
+        .node_stage_volume(stage_req("vol-x", &staging, mount_cap(&huge)))
+        .await;
+    bounded("NodeStageVolume fsType", r.map(drop), Code::InvalidArgument);
+    let r = ctl
+        .list_volumes(pb::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: huge.clone(),
+        })
+        .await;
+    bounded("ListVolumes token", r.map(drop), Code::Aborted);
+}
+
+/// A request for 2^63 - 1 bytes cannot be rounded up to whole MiB within int64: OUT_OF_RANGE,
+/// naming the size that was asked for (the round-up overflowed to 2^63 before).
+#[tokio::test]
+async fn sizes_near_the_int64_limit_are_out_of_range() {
+    let bed = TestBed::start(&[("node-a", "zone-a")]).await;
+    let mut ctl = bed.controller().await;
+    for (tag, cap) in access_types(Mode::SingleNodeWriter) {
+        let e = ctl
+            .create_volume(create_req(&format!("max-{tag}"), i64::MAX, cap.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{tag}: {e:?}");
+        assert!(
+            e.message().contains("9223372036854775807 bytes requested"),
+            "{tag}: {}",
+            e.message()
+        );
+        assert!(
+            !e.message().contains("9223372036854775808"),
+            "{tag}: {}",
+            e.message()
+        );
+        // Expansion takes the same arithmetic.
+        let v = create_volume(
+            &mut ctl,
+            create_req(&format!("grow-{tag}"), 16 * MIB, cap.clone()),
+        )
+        .await;
+        let e = ctl
+            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: v.volume_id,
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: i64::MAX,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{tag} expand: {e:?}");
+    }
 }

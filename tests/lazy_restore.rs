@@ -477,3 +477,67 @@ async fn a_chunk_missing_from_the_store_is_an_io_error_not_silent_data() {
     assert!(s.error.contains("missing from the store"), "{s:?}");
     wait_abnormal(&mut node, &v, &st, &tg, "hydration cannot complete").await;
 }
+
+/// A read-only block publish of a volume still hydrating reads what the snapshot holds: its own
+/// read-only loop device reads through the hydrator's file, as the staged device does, so a chunk
+/// not fetched yet is fetched first (on the plain file it would read as zeros).
+#[tokio::test]
+async fn read_only_block_publish_while_hydrating_reads_the_snapshot() {
+    let bed = TestBed::start_spec(node_spec(
+        &[("node-a", "zone-a")],
+        vec![vec![BANDWIDTH.into()]],
+        StoreKind::Local,
+    ))
+    .await;
+    let size = 32 * MIB as usize;
+    let data = pattern(size, 66);
+    let (_, snap) = source_snapshot(&bed, 0, None, &data, "src").await;
+    let mut ctl = bed.controller().await;
+    let v = create_volume(&mut ctl, restore_req("ro", &snap, None, size as u64))
+        .await
+        .volume_id;
+    let mut node = bed.node(0).await;
+    let (st, tg) = bed.kubelet_paths("ro");
+    retry_aborted!(node.node_stage_volume(stage_req(&v, &st, block_cap()))).unwrap();
+    retry_aborted!(node.node_publish_volume(publish_req(&v, &st, &tg, block_cap(), true))).unwrap();
+    let p = paths(&bed, 0, &v);
+    let ro = strata::volume::sys::loop_of_device_node(&tg).expect("the target is a loop device");
+    assert!(ro.read_only, "{ro:?}");
+    assert!(
+        strata::volume::sys::loops_for(&p.lazy_data()).contains(&ro),
+        "the read-only device is not on the hydrator's file"
+    );
+    let before = status(&bed, 0, &v);
+    assert!(
+        before.local_chunks < before.total_chunks,
+        "hydration finished too early for this test: {before:?}"
+    );
+    // From the end backwards: the background queue goes forwards, so these are the chunks least
+    // likely to be local yet.
+    let dev = std::fs::File::open(&tg).unwrap();
+    let mut buf = vec![0u8; CHUNK as usize];
+    for i in (0..size / CHUNK as usize).rev() {
+        let off = i * CHUNK as usize;
+        dev.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(
+            buf[..] == data[off..off + CHUNK as usize],
+            "chunk {i} read through the read-only publish differs from the snapshot"
+        );
+    }
+    let after = status(&bed, 0, &v);
+    assert!(
+        after.fetched_on_demand > 0,
+        "no read needed a chunk first, so nothing was proved: {after:?}"
+    );
+    drop(dev);
+    retry_aborted!(node.node_unpublish_volume(unpublish_req(&v, &tg))).unwrap();
+    assert!(
+        strata::volume::sys::loops_for(&p.lazy_data())
+            .iter()
+            .all(|l| !l.read_only),
+        "unpublish left the read-only device"
+    );
+    retry_aborted!(node.node_unstage_volume(unstage_req(&v, &st))).unwrap();
+    wait_status(&bed, 0, &v, "completion", HydrateStatus::complete).await;
+    wait_retired(&bed, 0, &v).await;
+}

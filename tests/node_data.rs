@@ -221,7 +221,7 @@ fn fs_bytes(path: &Path) -> u64 {
 }
 
 /// Online ext4 growth (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE; privileged pods have it, some
-/// sandboxes do not.
+/// sandboxes do not. The agents the bed starts inherit this process's capabilities.
 fn has_cap_sys_resource() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let eff = status
@@ -249,14 +249,14 @@ async fn expand_to(bed: &TestBed, id: &str, bytes: i64, fs: &str) -> pb::Control
     .into_inner()
 }
 
+/// Both filesystems, whatever the host: where the node plugin has CAP_SYS_RESOURCE, ext4 grows
+/// online like xfs; where it does not, NodeExpandVolume says so (FAILED_PRECONDITION naming the
+/// capability) and the filesystem grows at the next stage, as the README documents.
 #[tokio::test]
 async fn online_expansion_grows_filesystem_and_keeps_data() {
-    let online: &[&str] = if has_cap_sys_resource() {
-        &["ext4", "xfs"]
-    } else {
-        &["xfs"]
-    };
-    for &fs in online {
+    let cap_sys_resource = has_cap_sys_resource();
+    eprintln!("CAP_SYS_RESOURCE: {cap_sys_resource}");
+    for fs in ["ext4", "xfs"] {
         let bed = TestBed::start(&[("node-a", "zone-a")]).await;
         let id = create(&bed, "grow", 320 * MIB, mount_cap(fs)).await;
         let mut node = bed.node(0).await;
@@ -281,10 +281,25 @@ async fn online_expansion_grows_filesystem_and_keeps_data() {
                 volume_capability: Some(mount_cap(fs)),
                 ..Default::default()
             })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(n.capacity_bytes, 1024 * MIB);
+            .await;
+        if fs == "ext4" && !cap_sys_resource {
+            let e = n.unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(
+                e.message().contains("CAP_SYS_RESOURCE") && e.message().contains("next staged"),
+                "{}",
+                e.message()
+            );
+            assert!(
+                fs_bytes(&target) < before + (64 << 20),
+                "ext4 grew online without CAP_SYS_RESOURCE"
+            );
+            // The documented way: the next stage grows it offline.
+            detach(&mut node, &id, &staging, &target).await;
+            attach(&mut node, &id, &staging, &target, mount_cap(fs)).await;
+        } else {
+            assert_eq!(n.unwrap().into_inner().capacity_bytes, 1024 * MIB);
+        }
         let after = fs_bytes(&target);
         assert!(
             after > before * 2,
@@ -475,4 +490,59 @@ async fn restore_in_another_zone_is_refused_by_topology_not_data() {
         Code::NotFound
     );
     assert_eq!(std::fs::read(target.join("z")).unwrap(), b"zone-b data");
+}
+
+/// Unmounts and detaches what a test made under its directory, then removes it, also on failure.
+struct KernelScratch(std::path::PathBuf);
+
+impl Drop for KernelScratch {
+    fn drop(&mut self) {
+        cleanup_kernel_state(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// FIEMAP as the incremental upload uses it, on XFS (an XFS loop mount, so FIEMAP and reflinks are
+/// there whatever filesystem holds the temporary directory): a reflink clone maps every range to
+/// its source's blocks, and after a 1 MiB overwrite exactly that range differs.
+#[test]
+fn fiemap_finds_shared_and_changed_extents_on_xfs() {
+    use std::os::unix::fs::FileExt;
+    use strata::volume::fiemap;
+    require_root();
+    let dir = std::env::temp_dir().join(format!("strata-fiemap-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _scratch = KernelScratch(dir.clone());
+    let mnt = dir.join("mnt");
+    make_xfs(&dir.join("xfs.img"), &mnt);
+    let (base, clone) = (mnt.join("base"), mnt.join("clone"));
+    write_file(&base, &pattern(8 << 20, 5));
+    let ok = std::process::Command::new("cp")
+        .arg("--reflink=always")
+        .arg(&base)
+        .arg(&clone)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "reflink copy on XFS failed");
+    let f = std::fs::OpenOptions::new().write(true).open(&clone).unwrap();
+    f.write_all_at(&pattern(1 << 20, 6), 3 << 20).unwrap();
+    f.sync_all().unwrap();
+    let map = |p: &Path| {
+        fiemap::extents(&std::fs::File::open(p).unwrap())
+            .unwrap()
+            .expect("XFS answers FIEMAP")
+    };
+    let (a, b) = (map(&base), map(&clone));
+    for x in [&a, &b] {
+        let total: u64 = x.iter().map(|e| e.length).sum();
+        assert!(total >= 8 << 20, "extents cover {total} bytes of 8 MiB: {x:?}");
+        assert!(x.last().unwrap().flags & 0x1 != 0, "no FIEMAP_EXTENT_LAST: {x:?}");
+    }
+    for i in 0..8u64 {
+        assert_eq!(
+            fiemap::same_range(&a, &b, i << 20, 1 << 20),
+            i != 3,
+            "MiB {i}: base {a:?}, clone {b:?}"
+        );
+    }
 }

@@ -38,12 +38,9 @@ async fn restore(
         requisite: vec![topo(&[(ZONE_KEY, zone)])],
         preferred: vec![],
     });
-    loop {
-        match ctl.create_volume(r.clone()).await {
-            Ok(v) => return v.into_inner().volume.unwrap(),
-            Err(s) if s.code() == Code::Aborted => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(s) => panic!("restore {name} from {snap}: {s:?}"),
-        }
+    match retry_aborted!(ctl.create_volume(r.clone())) {
+        Ok(v) => v.into_inner().volume.unwrap(),
+        Err(s) => panic!("restore {name} from {snap}: {s:?}"),
     }
 }
 
@@ -70,6 +67,21 @@ fn overwrite(path: &Path, off: u64, data: &[u8]) {
 
 async fn chunk_count(bed: &TestBed) -> usize {
     bed.store().await.list("chunks/").await.unwrap().len()
+}
+
+/// Waits until the controller's GC has brought the chunk count to what `done` accepts: the
+/// chunks must first age past the minimum grace (by the store's clock), then a periodic run
+/// (every 2 s in the test bed) collects them.
+async fn wait_for_gc(bed: &TestBed, done: impl Fn(usize) -> bool, what: &str) {
+    let deadline = Instant::now() + strata::snapshot::gc::MIN_GRACE + Duration::from_secs(40);
+    loop {
+        let n = chunk_count(bed).await;
+        if done(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} ({n} chunks)");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn chain_restore_delete_gc(kind: StoreKind) {
@@ -129,7 +141,9 @@ async fn chain_restore_delete_gc(kind: StoreKind) {
         assert_eq!(tg.join("b.txt").exists(), want_b, "{name}: b.txt presence");
         detach(&mut b, &v.volume_id, &st, &tg).await;
     }
-    // Delete the first (the parent): the second still restores, in zone-a this time.
+    // Delete the first (the parent): the second still restores, in zone-a this time, after a GC
+    // has collected what only the first used.
+    let before = chunk_count(&bed).await;
     ctl.delete_snapshot(pb::DeleteSnapshotRequest {
         snapshot_id: s1.snapshot_id.clone(),
         ..Default::default()
@@ -142,7 +156,12 @@ async fn chain_restore_delete_gc(kind: StoreKind) {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_gc(
+        &bed,
+        |n| n < before,
+        "the first snapshot's own chunks are never collected",
+    )
+    .await;
     let v = restore(&mut ctl, "r3", &s2.snapshot_id, "zone-a", 96 * MIB).await;
     assert_eq!(
         v.capacity_bytes,
@@ -175,14 +194,7 @@ async fn chain_restore_delete_gc(kind: StoreKind) {
         .await
         .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while chunk_count(&bed).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "chunks remain after deleting every snapshot"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_gc(&bed, |n| n == 0, "chunks remain after deleting every snapshot").await;
     assert!(store.list("snapshots/").await.unwrap().is_empty());
     assert!(store.list("leases/").await.unwrap().is_empty());
 }
@@ -719,7 +731,11 @@ async fn admin_cli_lists_shows_restores_verifies_and_collects() {
     })
     .await
     .unwrap();
+    // Below the minimum grace: refused, with the reason.
     let (ok, text) = cli(&["gc", "--grace-seconds=0", &store]);
+    assert!(!ok && text.contains("below the minimum"), "{text}");
+    // At the minimum, waiting on the store's clock until the chunks are older than the grace.
+    let (ok, text) = cli(&["gc", "--grace-seconds=10", "--settle-seconds=60", &store]);
     assert!(ok, "{text}");
     assert_eq!(chunk_count(&bed).await, 0, "{text}");
     let (ok, text) = cli(&["snapshot", "ls", "--store=relative/dir"]);

@@ -52,7 +52,8 @@ async fn transient_failures_are_retried_and_change_nothing() {
         base: Duration::from_millis(1),
         max: Duration::from_millis(20),
     };
-    let store: Store = Arc::new(Retrying::with_policy(faulty.clone(), policy));
+    let retrying = Arc::new(Retrying::with_policy(faulty.clone(), policy));
+    let store: Store = retrying.clone();
     let (img, data) = image(dir.path(), 40 * CHUNK as usize + 123);
     let p = Progress::default();
     let cancel = CancellationToken::new();
@@ -67,10 +68,11 @@ async fn transient_failures_are_retried_and_change_nothing() {
     )
     .await
     .unwrap();
-    assert!(
-        faulty.injected.load(Ordering::Relaxed) > 10,
-        "no faults were injected"
-    );
+    let injected = faulty.injected.load(Ordering::Relaxed);
+    assert!(injected > 10, "no faults were injected");
+    // Every injected fault was answered by a retry of this store (its own count, not the
+    // process's: other tests retry in parallel).
+    assert_eq!(retrying.retries(), injected, "faults and retries differ");
     let out = dir.path().join("out");
     std::fs::File::create(&out)
         .unwrap()
@@ -132,9 +134,12 @@ async fn unreachable_s3_endpoint_fails_with_a_clear_error_not_a_hang() {
         "AWS_SECRET_ACCESS_KEY",
         std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "y".into()),
     );
-    let store = strata::store::open(&format!(
-        "s3://bucket/p?endpoint=http://127.0.0.1:{port}&path_style=true"
-    ))
+    // This store's own retry count: tests running beside this one retry too.
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let store = strata::store::open_counting(
+        &format!("s3://bucket/p?endpoint=http://127.0.0.1:{port}&path_style=true"),
+        retries.clone(),
+    )
     .await
     .unwrap();
     let started = Instant::now();
@@ -145,9 +150,11 @@ async fn unreachable_s3_endpoint_fails_with_a_clear_error_not_a_hang() {
         "gave up only after {:?}",
         started.elapsed()
     );
-    assert!(
-        strata::store::retry::RETRIES.load(Ordering::Relaxed) >= 3,
-        "the dropped connection was not retried"
+    // Every attempt of the default policy was made: a retry after each but the last.
+    assert_eq!(
+        retries.load(Ordering::Relaxed),
+        u64::from(Policy::default().attempts - 1),
+        "the refused connection was not retried as the policy says"
     );
 }
 
@@ -194,8 +201,7 @@ async fn resumed_upload_keeps_protecting_chunks_of_a_deleted_parent() {
     assert!(recorded >= 1, "nothing was recorded before the failure");
     // The parent is deleted while the child is not committed; a resumed attempt rewrites the
     // lease (the parent is gone now) and fails again; GC runs.
-    local
-        .delete(&manifest::manifest_key(&parent.snapshot_id))
+    manifest::delete_snapshot(&local, &parent.snapshot_id)
         .await
         .unwrap();
     assert!(
@@ -203,7 +209,26 @@ async fn resumed_upload_keeps_protecting_chunks_of_a_deleted_parent() {
             .await
             .is_err()
     );
-    gc::collect(&local, Duration::ZERO).await.unwrap();
+    // Everything was written long ago by the store's clock (the parent three hours ago, the
+    // resumed attempt's lease two), so only references can keep a chunk: the GC deletes what
+    // the lease does not name.
+    backdate(&dir.path().join("store"), Duration::from_secs(3 * 3600));
+    std::fs::File::options()
+        .write(true)
+        .open(
+            dir.path()
+                .join("store")
+                .join(manifest::lease_key(&child.snapshot_id)),
+        )
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    let r = gc::collect(&local, gc::MIN_GRACE).await.unwrap();
+    assert_eq!(r.kept_recent, 0, "{r:?}");
+    assert!(
+        r.deleted > 0,
+        "nothing was garbage, the test proves nothing: {r:?}"
+    );
     // Resumed once more without faults: it commits, and every chunk it names exists.
     let m = upload(&local, &child, &img, &log, &Progress::default(), 1, &cancel)
         .await
@@ -221,4 +246,28 @@ async fn resumed_upload_keeps_protecting_chunks_of_a_deleted_parent() {
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
+}
+
+/// Sets every object's modification time `ago` in the past (the local store's clock is mtime).
+fn backdate(root: &std::path::Path, ago: Duration) {
+    let t = std::time::SystemTime::now() - ago;
+    let mut dirs = vec![root.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                std::fs::File::options()
+                    .write(true)
+                    .open(e.path())
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        }
+    }
 }

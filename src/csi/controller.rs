@@ -23,6 +23,8 @@ use crate::telemetry::Metrics;
 pub const DEFAULT_SIZE: u64 = 1 << 30;
 /// Sizes are rounded up to this.
 pub const ALIGN: u64 = 1 << 20;
+/// Largest size: CSI sizes are int64, and sizes are whole multiples of [`ALIGN`].
+pub const MAX_SIZE: u64 = (i64::MAX as u64) / ALIGN * ALIGN;
 /// Smallest volume; xfs refuses filesystems under 300 MiB.
 fn min_size(fs_type: &str) -> u64 {
     if fs_type == "xfs" {
@@ -83,19 +85,38 @@ pub fn pick_size(range: Option<&pb::CapacityRange>, fs_type: &str) -> Result<u64
     } else {
         DEFAULT_SIZE
     };
-    let mut size = base.max(min).div_ceil(ALIGN) * ALIGN;
-    if limit > 0 && size > limit {
+    let wanted = base.max(min);
+    // Checked: near 2^63 the round-up overflows what CSI's int64 sizes carry.
+    let rounded = wanted.checked_next_multiple_of(ALIGN).filter(|s| *s <= MAX_SIZE);
+    match rounded {
+        Some(size) if limit == 0 || size <= limit => Ok(size),
         // Rounding went past the limit: the largest 4 KiB multiple within it still serves.
-        size = limit / 4096 * 4096;
-        if size < required.max(min) {
-            return Err(Error::OutOfRange {
-                reason: format!(
-                    "limit_bytes {limit} is below the smallest volume this driver makes ({min} bytes)"
-                ),
-            });
+        _ if limit > 0 => {
+            let size = limit / 4096 * 4096;
+            if limit < min {
+                return Err(Error::OutOfRange {
+                    reason: format!(
+                        "limit_bytes {limit} is below the smallest volume this driver makes ({min} bytes)"
+                    ),
+                });
+            }
+            if size < required.max(min) {
+                return Err(Error::OutOfRange {
+                    reason: format!(
+                        "required_bytes {required} and limit_bytes {limit} leave no size this driver \
+                         makes (a multiple of 4096 bytes)"
+                    ),
+                });
+            }
+            Ok(size)
         }
+        _ => Err(Error::OutOfRange {
+            reason: format!(
+                "{wanted} bytes requested; the largest volume this driver makes is {MAX_SIZE} bytes \
+                 (whole MiB within int64)"
+            ),
+        }),
     }
-    Ok(size)
 }
 
 /// Access type and filesystem asked for by a create: mount wins when any capability mounts.
@@ -125,7 +146,11 @@ fn access_and_fs(
     if let (Some(c), Some(p)) = (&cap_fs, &param_fs) {
         if c != p {
             return Err(Error::InvalidArgument {
-                reason: format!("capability fsType {c:?} contradicts parameter fsType {p:?}"),
+                reason: format!(
+                    "capability fsType {} contradicts parameter fsType {}",
+                    ids::echo(c),
+                    ids::echo(p)
+                ),
             });
         }
     }
@@ -133,7 +158,8 @@ fn access_and_fs(
     if !crate::volume::SUPPORTED_FS.contains(&fs.as_str()) {
         return Err(Error::InvalidArgument {
             reason: format!(
-                "fsType {fs:?} is not supported (supported: {})",
+                "fsType {} is not supported (supported: {})",
+                ids::echo(&fs),
                 crate::volume::SUPPORTED_FS.join(", ")
             ),
         });
@@ -150,7 +176,10 @@ fn check_params(params: &HashMap<String, String>) -> Result<(), Error> {
     for k in params.keys() {
         if k != PARAM_FS_TYPE && !k.starts_with(SIDECAR_PREFIX) {
             return Err(Error::InvalidArgument {
-                reason: format!("unknown parameter {k:?} (known: {PARAM_FS_TYPE}, {SIDECAR_PREFIX}*)"),
+                reason: format!(
+                    "unknown parameter {} (known: {PARAM_FS_TYPE}, {SIDECAR_PREFIX}*)",
+                    ids::echo(k)
+                ),
             });
         }
     }
@@ -260,7 +289,7 @@ impl ControllerService {
             size = size.max(src_size);
         }
         let id = ids::volume_id_for_name(&r.name);
-        let _ticket = self.guard.acquire(&id)?;
+        let _ticket = self.guard.acquire(&id, "CreateVolume").await?;
         let req_topo = r.accessibility_requirements.as_ref();
 
         // An earlier attempt can only have landed on a node the requisite topology allows, so an
@@ -422,7 +451,7 @@ impl ControllerService {
 
     async fn delete(&self, r: pb::DeleteVolumeRequest) -> Result<pb::DeleteVolumeResponse, Status> {
         let id = validate::volume_id(&r.volume_id)?;
-        let _ticket = self.guard.acquire(id)?;
+        let _ticket = self.guard.acquire(id, "DeleteVolume").await?;
         if let Some((node, _)) = self.directory.find_volume(id, |_| false).await? {
             let mut c = self.directory.client_for(&node).await?;
             c.delete_volume(apb::DeleteVolumeRequest {
@@ -554,7 +583,7 @@ impl ControllerService {
                 return Err(invalid(p));
             }
         }
-        let _ticket = self.guard.acquire(id)?;
+        let _ticket = self.guard.acquire(id, "ControllerExpandVolume").await?;
         let (node, v) = self.find(id).await?;
         let fs = if v.fs_type.is_empty() {
             "ext4"
@@ -786,6 +815,42 @@ mod tests {
         assert!(matches!(
             pick_size(Some(&range(-1, 0)), "ext4"),
             Err(Error::InvalidArgument { .. })
+        ));
+    }
+
+    #[test]
+    fn sizes_near_the_int64_limit_do_not_overflow() {
+        // 2^63 - 1 rounds up past int64: OUT_OF_RANGE, naming the size asked for.
+        match pick_size(Some(&range(i64::MAX, 0)), "ext4") {
+            Err(Error::OutOfRange { reason }) => {
+                assert!(
+                    reason.starts_with("9223372036854775807 bytes requested"),
+                    "{reason}"
+                );
+                assert!(reason.contains(&MAX_SIZE.to_string()), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            pick_size(Some(&range(MAX_SIZE as i64, 0)), "ext4").unwrap(),
+            MAX_SIZE
+        );
+        assert!(matches!(
+            pick_size(Some(&range(MAX_SIZE as i64 + 1, 0)), "ext4"),
+            Err(Error::OutOfRange { .. })
+        ));
+        // With a limit, the largest 4 KiB multiple within it serves when it covers the request.
+        assert_eq!(
+            pick_size(Some(&range(MAX_SIZE as i64 + 1, i64::MAX)), "ext4").unwrap(),
+            (i64::MAX as u64) / 4096 * 4096
+        );
+        assert!(matches!(
+            pick_size(Some(&range(i64::MAX, i64::MAX)), "ext4"),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            pick_size(Some(&range(0, i64::MAX)), "ext4"),
+            Ok(DEFAULT_SIZE)
         ));
     }
 

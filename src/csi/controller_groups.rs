@@ -56,6 +56,9 @@ async fn read_group(store: &Store, id: &str) -> Result<Option<GroupRecord>, Stat
     }
 }
 
+/// How long CreateVolumeGroupSnapshot waits for its members' uploads (under the sidecar's 60 s).
+const GROUP_READY_WAIT: std::time::Duration = std::time::Duration::from_secs(40);
+
 impl ControllerService {
     fn group_response(&self, g: &GroupRecord, snapshots: Vec<pb::Snapshot>) -> pb::VolumeGroupSnapshot {
         let snapshots: Vec<pb::Snapshot> = snapshots
@@ -99,7 +102,7 @@ impl ControllerService {
         volumes.sort();
         let store = self.store()?.clone();
         let gid = ids::group_snapshot_id_for_name(&r.name);
-        let _ticket = self.guard.acquire(&gid)?;
+        let _ticket = self.guard.acquire(&gid, "CreateVolumeGroupSnapshot").await?;
         let record = match read_group(&store, &gid).await? {
             Some(g) => {
                 let had: Vec<&String> = g.members.iter().map(|(v, _)| v).collect();
@@ -156,23 +159,46 @@ impl ControllerService {
         let mut tags = r.parameters.clone();
         tags.insert(TAG_GROUP.into(), gid.clone());
         let mut c = self.directory.client_for(&node).await?;
-        let statuses = c
-            .create_group_snapshot(apb::CreateGroupSnapshotRequest {
-                name: r.name.clone(),
-                members: record
-                    .members
-                    .iter()
-                    .map(|(v, s)| apb::GroupMember {
-                        volume_id: v.clone(),
-                        snapshot_id: s.clone(),
-                    })
-                    .collect(),
-                tags,
-            })
-            .await
-            .map_err(|s| from_agent(&node, s))?
-            .into_inner()
-            .snapshots;
+        let request = apb::CreateGroupSnapshotRequest {
+            name: r.name.clone(),
+            members: record
+                .members
+                .iter()
+                .map(|(v, s)| apb::GroupMember {
+                    volume_id: v.clone(),
+                    snapshot_id: s.clone(),
+                })
+                .collect(),
+            tags,
+        };
+        // The snapshot-controller creates the members' VolumeSnapshotContents from the first
+        // answer that carries them and never updates their readiness from later ones (seen with
+        // v8.2.1 to v8.6.0): a group answered "not ready" leaves members unready for good. So the
+        // members are answered only once all are committed. The capture (the point in time) is
+        // done by the first call; until the uploads commit, within the sidecar's timeout, the
+        // call waits, and past that it answers UNAVAILABLE with the progress, and the sidecar
+        // calls again (the same capture, by name).
+        let deadline = tokio::time::Instant::now() + GROUP_READY_WAIT;
+        let statuses = loop {
+            let statuses = c
+                .create_group_snapshot(request.clone())
+                .await
+                .map_err(|s| from_agent(&node, s))?
+                .into_inner()
+                .snapshots;
+            if statuses.iter().all(|s| s.ready) {
+                break statuses;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let done = statuses.iter().filter(|s| s.ready).count();
+                return Err(Status::unavailable(format!(
+                    "group snapshot {gid} is captured; its members are still uploading ({done} of {} \
+                     committed); retry",
+                    statuses.len()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        };
         tracing::info!(group = %gid, node = %node, members = statuses.len(),
             ready = statuses.iter().all(|s| s.ready), "group snapshot");
         let snapshots = statuses
@@ -227,7 +253,10 @@ impl ControllerService {
             ids::check_id("snapshot_ids", s).map_err(invalid)?;
         }
         let store = self.store()?.clone();
-        let _ticket = self.guard.acquire(&r.group_snapshot_id)?;
+        let _ticket = self
+            .guard
+            .acquire(&r.group_snapshot_id, "DeleteVolumeGroupSnapshot")
+            .await?;
         let mut members: Vec<String> = read_group(&store, &r.group_snapshot_id)
             .await?
             .map(|g| g.members.into_iter().map(|(_, s)| s).collect())

@@ -120,12 +120,15 @@ impl ControllerService {
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             for z in &fsr_zones {
                 if !nodes.iter().any(|n| n.live() && &n.zone == z) {
-                    return Err(invalid(format!("{PARAM_FSR_ZONES}: no node is in zone {z:?}")));
+                    return Err(invalid(format!(
+                        "{PARAM_FSR_ZONES}: no node is in zone {}",
+                        ids::echo(z)
+                    )));
                 }
             }
         }
         let id = ids::snapshot_id_for_name(&r.name);
-        let _ticket = self.guard.acquire(&id)?;
+        let _ticket = self.guard.acquire(&id, "CreateSnapshot").await?;
         if let Some(m) = self.manifest(&id).await? {
             if m.volume_id != source {
                 return Err(Status::already_exists(format!(
@@ -198,7 +201,7 @@ impl ControllerService {
         ids::check_id("snapshot_id", &r.snapshot_id).map_err(invalid)?;
         let store = self.store()?.clone();
         let id = r.snapshot_id;
-        let _ticket = self.guard.acquire(&id)?;
+        let _ticket = self.guard.acquire(&id, "DeleteSnapshot").await?;
         // An upload still running anywhere must stop first, or it would commit after the delete.
         let answers = self
             .directory
@@ -214,10 +217,9 @@ impl ControllerService {
         for (_, a) in answers {
             a?;
         }
-        store
-            .delete(&manifest::manifest_key(&id))
+        manifest::delete_snapshot(&store, &id)
             .await
-            .map_err(|e| manifest_status(e.into()))?;
+            .map_err(manifest_status)?;
         // Its fast-restore images go too: agents drop images whose zone record is gone.
         for r in crate::snapshot::fsr::list(&store, None)
             .await
@@ -298,6 +300,8 @@ impl ControllerService {
         if r.snapshot_id.is_empty() {
             return Err(invalid("snapshot_id is required"));
         }
+        // Validated like every other id: a malformed one is INVALID_ARGUMENT, not NOT_FOUND.
+        ids::check_id("snapshot_id", &r.snapshot_id).map_err(invalid)?;
         self.store()?;
         match self.one(&r.snapshot_id).await? {
             Some(s) => Ok(pb::GetSnapshotResponse { snapshot: Some(s) }),

@@ -33,7 +33,7 @@ impl NodeService {
         let id = validate::volume_id(&r.volume_id)?;
         let staging = validate::path("staging_target_path", &r.staging_target_path)?;
         let (spec, _) = validate::stage_spec(r.volume_capability.as_ref())?;
-        let _t = self.guard.acquire(id)?;
+        let _t = self.guard.acquire(id, "NodeStageVolume").await?;
         self.hydrators.prepare_stage(id).await?;
         self.manager.stage(id, &staging, &spec).await?;
         Ok(pb::NodeStageVolumeResponse {})
@@ -45,7 +45,7 @@ impl NodeService {
     ) -> Result<pb::NodeUnstageVolumeResponse, Status> {
         let id = validate::volume_id(&r.volume_id)?;
         let staging = validate::path("staging_target_path", &r.staging_target_path)?;
-        let _t = self.guard.acquire(id)?;
+        let _t = self.guard.acquire(id, "NodeUnstageVolume").await?;
         self.manager.unstage(id, &staging).await?;
         Ok(pb::NodeUnstageVolumeResponse {})
     }
@@ -63,10 +63,11 @@ impl NodeService {
         }
         let staging = validate::path("staging_target_path", &r.staging_target_path)?;
         let (spec, reader_only) = validate::stage_spec(r.volume_capability.as_ref())?;
-        let _t = self.guard.acquire(id)?;
+        let mode = validate::publish_mode(r.volume_capability.as_ref());
+        let _t = self.guard.acquire(id, "NodePublishVolume").await?;
         let access = validate::access_of(&spec);
         self.manager
-            .publish(id, &staging, &target, access, r.readonly || reader_only)
+            .publish(id, &staging, &target, access, r.readonly || reader_only, mode)
             .await?;
         Ok(pb::NodePublishVolumeResponse {})
     }
@@ -77,7 +78,7 @@ impl NodeService {
     ) -> Result<pb::NodeUnpublishVolumeResponse, Status> {
         let id = validate::volume_id(&r.volume_id)?;
         let target = validate::path("target_path", &r.target_path)?;
-        let _t = self.guard.acquire(id)?;
+        let _t = self.guard.acquire(id, "NodeUnpublishVolume").await?;
         self.manager.unpublish(id, &target).await?;
         Ok(pb::NodeUnpublishVolumeResponse {})
     }
@@ -87,8 +88,11 @@ impl NodeService {
         r: pb::NodeGetVolumeStatsRequest,
     ) -> Result<pb::NodeGetVolumeStatsResponse, Status> {
         let id = validate::volume_id(&r.volume_id)?;
-        let path = validate::path("volume_path", &r.volume_path)?;
-        let s = self.manager.stats(id, &path)?;
+        if r.volume_path.is_empty() {
+            return Err(invalid("volume_path is required"));
+        }
+        // The manager looks the volume up before it judges the path (NOT_FOUND for either).
+        let s = self.manager.stats(id, std::path::Path::new(&r.volume_path))?;
         let mut usage = vec![pb::VolumeUsage {
             available: s.available_bytes.unwrap_or(0) as i64,
             total: s.total_bytes as i64,
@@ -114,20 +118,20 @@ impl NodeService {
 
     async fn expand(&self, r: pb::NodeExpandVolumeRequest) -> Result<pb::NodeExpandVolumeResponse, Status> {
         let id = validate::volume_id(&r.volume_id)?;
-        let path = validate::path("volume_path", &r.volume_path)?;
+        if r.volume_path.is_empty() {
+            return Err(invalid("volume_path is required"));
+        }
         if let Some(c) = &r.volume_capability {
             if let Some(p) = validate::capability_problem(c) {
                 return Err(invalid(p));
             }
         }
-        let _t = self.guard.acquire(id)?;
-        if !path.exists() {
-            return Err(Status::not_found(format!(
-                "volume_path {} does not exist",
-                path.display()
-            )));
-        }
-        let size = self.manager.node_expand(id).await?;
+        let _t = self.guard.acquire(id, "NodeExpandVolume").await?;
+        // The manager looks the volume up before it judges the path (NOT_FOUND for either).
+        let size = self
+            .manager
+            .node_expand(id, std::path::Path::new(&r.volume_path))
+            .await?;
         Ok(pb::NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         })

@@ -14,7 +14,8 @@ pub fn check(max_entries: i32, token: &str, prefix: &str) -> Result<(), Status> 
     }
     if !token.is_empty() && (!token.starts_with(prefix) || ids::check_id("token", token).is_err()) {
         return Err(Status::aborted(format!(
-            "starting_token {token:?} is not one this driver issued"
+            "starting_token {} is not one this driver issued",
+            ids::echo(token)
         )));
     }
     Ok(())

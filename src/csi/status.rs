@@ -96,3 +96,41 @@ impl From<VolumeErrorRef<'_>> for Status {
 pub fn invalid(reason: impl Into<String>) -> Status {
     Status::invalid_argument(reason.into())
 }
+
+/// Longest message a CSI answer carries. The message travels in a gRPC header; past 8 KiB the
+/// client sees RESOURCE_EXHAUSTED instead of the answer, so a message is cut well before that.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// `s` with its message cut to [`MAX_MESSAGE`] bytes (on a character boundary). Every CSI answer
+/// passes through here ([`crate::telemetry::Metrics::observe`]): values echoed into messages are
+/// already bounded by [`crate::ids::echo`], and this keeps any other message from growing past
+/// what gRPC can carry.
+pub fn bounded(s: Status) -> Status {
+    if s.message().len() <= MAX_MESSAGE {
+        return s;
+    }
+    let msg = s.message();
+    let mut cut = MAX_MESSAGE;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Status::new(
+        s.code(),
+        format!("{}... (message cut, {} bytes)", &msg[..cut], msg.len()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_and_keep_their_code() {
+        let s = bounded(Status::not_found("é".repeat(5000)));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().len() < MAX_MESSAGE + 64, "{}", s.message().len());
+        assert!(s.message().ends_with("(message cut, 10000 bytes)"));
+        let short = bounded(Status::aborted("busy"));
+        assert_eq!((short.code(), short.message()), (Code::Aborted, "busy"));
+    }
+}

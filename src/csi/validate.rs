@@ -9,7 +9,7 @@ use crate::ids;
 use crate::proto::csi::volume_capability::access_mode::Mode;
 use crate::proto::csi::volume_capability::AccessType;
 use crate::proto::csi::VolumeCapability;
-use crate::volume::{Access, StageSpec};
+use crate::volume::{Access, PublishMode, StageSpec};
 
 /// A required volume id that may reach a path.
 pub fn volume_id(id: &str) -> Result<&str, Status> {
@@ -59,8 +59,8 @@ pub fn capability_problem(cap: &VolumeCapability) -> Option<String> {
             if !m.fs_type.is_empty() && !crate::volume::SUPPORTED_FS.contains(&m.fs_type.as_str()) =>
         {
             Some(format!(
-                "fsType {:?} is not supported (supported: {})",
-                m.fs_type,
+                "fsType {} is not supported (supported: {})",
+                ids::echo(&m.fs_type),
                 crate::volume::SUPPORTED_FS.join(", ")
             ))
         }
@@ -99,6 +99,17 @@ pub fn stage_spec(cap: Option<&VolumeCapability>) -> Result<(StageSpec, bool), S
         _ => StageSpec::Block,
     };
     Ok((spec, reader_only))
+}
+
+/// How a publish with this (validated) capability shares the volume with its other publishes.
+pub fn publish_mode(cap: Option<&VolumeCapability>) -> PublishMode {
+    match cap
+        .and_then(|c| c.access_mode.as_ref())
+        .map(|m| Mode::try_from(m.mode))
+    {
+        Some(Ok(Mode::SingleNodeSingleWriter)) => PublishMode::SingleWriter,
+        _ => PublishMode::Shared,
+    }
 }
 
 /// The access type of a staged/published capability.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::publish::{self, PublishEntry, PublishMode, PublishRecord};
 use super::record::{self, RecordError};
 use super::sys::{self, LoopDevice, SysError};
 use crate::ids;
@@ -45,7 +46,7 @@ pub enum Error {
         volume_id: String,
     },
     /// A path the caller named does not exist or is not where the volume is staged/published.
-    #[error("volume is not staged or published at {path}")]
+    #[error("volume is not staged or published at {}", ids::echo(&path.to_string_lossy()))]
     PathNotFound {
         /// The path.
         path: PathBuf,
@@ -927,6 +928,8 @@ impl VolumeManager {
     }
 
     /// Bind-mounts a staged volume at `target` (a directory for mount access, a file for block).
+    /// `mode` is recorded with the publish: a single-writer publish refuses, and is refused by,
+    /// any other publish of the volume (FAILED_PRECONDITION), also after an agent restart.
     pub async fn publish(
         &self,
         id: &str,
@@ -934,6 +937,7 @@ impl VolumeManager {
         target: &Path,
         access: Access,
         read_only: bool,
+        mode: PublishMode,
     ) -> Result<(), Error> {
         let v = self.get(id)?;
         let (Some(dev), Some(staged_at)) = (&v.device, &v.staging_path) else {
@@ -959,17 +963,46 @@ impl VolumeManager {
                 reason: "volume was staged for block access, cannot publish as a filesystem".into(),
             });
         }
+        let dir = self.dir(id)?;
+        let mut publishes = PublishRecord::read(&dir, &v.published)?;
         if let Some(m) = sys::mount_at(target) {
             let ours = v.published.contains(&target.to_path_buf());
             let is_ro = m.options.split(',').any(|o| o == "ro");
-            if ours && is_ro == read_only {
+            // A publish from before modes were recorded has no entry: its mode is not known.
+            let same_mode = publishes.get(target).is_none_or(|e| e.mode == mode);
+            if ours && is_ro == read_only && same_mode {
                 return Ok(());
             }
+            let reason = if ours && !same_mode {
+                format!(
+                    "already published at {} with another access mode",
+                    target.display()
+                )
+            } else {
+                format!("{} is already a mount of {}", target.display(), m.source)
+            };
             return Err(Error::AlreadyExists {
                 volume_id: id.to_owned(),
-                reason: format!("{} is already a mount of {}", target.display(), m.source),
+                reason,
             });
         }
+        let others: Vec<PathBuf> = v.published.iter().filter(|p| *p != target).cloned().collect();
+        if let Some(reason) = publish::conflict(&publishes, &others, mode) {
+            return Err(Error::FailedPrecondition {
+                volume_id: id.to_owned(),
+                reason,
+            });
+        }
+        // The mode is on disk before the mount it describes (see `publish`).
+        publishes.set(PublishEntry {
+            target: target.to_owned(),
+            mode,
+            read_only,
+        });
+        let (rec, d) = (publishes.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || rec.write(&d))
+            .await
+            .expect("record task panicked")?;
         match access {
             Access::Mount => {
                 std::fs::create_dir_all(target).map_err(io(format!("create {}", target.display())))?;
@@ -988,9 +1021,11 @@ impl VolumeManager {
                     std::fs::File::create(target).map_err(io(format!("create {}", target.display())))?;
                 }
                 // A read-only publish gets its own read-only loop device: a read-only bind mount of
-                // a device node does not stop writes to the device.
+                // a device node does not stop writes to the device. It reads the file the staged
+                // device reads: while the volume hydrates that is the hydrator's file, where a
+                // chunk not fetched yet is fetched first (the plain file would read it as zeros).
                 let source = if read_only {
-                    sys::loop_attach(&self.data_path(id)?, true).await?
+                    sys::loop_attach(&self.backing_of(id, dev)?, true).await?
                 } else {
                     dev.clone()
                 };
@@ -1004,6 +1039,17 @@ impl VolumeManager {
         }
         tracing::info!(volume.id = %id, target = %target.display(), read_only, "volume published");
         Ok(())
+    }
+
+    /// The file the volume's loop device `dev` is attached to: the hydrator's file while the
+    /// volume is staged on it, else the plain backing file.
+    fn backing_of(&self, id: &str, dev: &LoopDevice) -> Result<PathBuf, Error> {
+        let hp = crate::hydrate::Paths::new(&self.dir(id)?);
+        if sys::loops_for(&hp.lazy_data()).contains(dev) {
+            Ok(hp.lazy_data())
+        } else {
+            self.data_path(id)
+        }
     }
 
     /// Undoes publish and removes the target. OK when not published.
@@ -1025,34 +1071,53 @@ impl VolumeManager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(format!("remove {}", target.display()))(e)),
         }
+        let dir = self.dir(id)?;
+        let live = self.get(id)?.published;
+        let mut publishes = PublishRecord::read(&dir, &live)?;
+        publishes.remove(target);
+        tokio::task::spawn_blocking(move || publishes.write(&dir))
+            .await
+            .expect("record task panicked")?;
         tracing::info!(volume.id = %id, target = %target.display(), "volume unpublished");
         Ok(())
     }
 
+    /// The volume, and `path` if it is one the volume is staged or published at. The volume is
+    /// looked up first: an unknown volume is NOT_FOUND whatever the path (as csi-sanity and the
+    /// reference driver answer). A path that is not a valid absolute path cannot be where the
+    /// volume is, so it is NOT_FOUND as well, and is never touched.
+    fn at_path(&self, id: &str, path: &Path) -> Result<VolumeState, Error> {
+        let v = self.get(id)?;
+        let not_here = || Error::PathNotFound {
+            path: path.to_owned(),
+        };
+        ids::check_path("volume_path", &path.to_string_lossy()).map_err(|_| not_here())?;
+        if v.staging_path.as_deref() != Some(path) && !v.published.iter().any(|p| p == path) {
+            return Err(not_here());
+        }
+        Ok(v)
+    }
+
     /// Usage and condition at a staged or published path.
     pub fn stats(&self, id: &str, path: &Path) -> Result<VolumeStats, Error> {
-        let v = self.get(id)?;
+        // The spec's answer for "not staged or published at the given volume_path" is NOT_FOUND.
+        let v = self.at_path(id, path)?;
         let md = std::fs::metadata(path).map_err(|_| Error::PathNotFound {
             path: path.to_owned(),
         })?;
         let abnormal = v.abnormal.clone();
-        if md.file_type().is_block_device() {
-            let total = sys::loop_of_device_node(path)
-                .and_then(|l| l.size_bytes().ok())
-                .unwrap_or(0);
+        let block_staged = self.read_stage(id)?.is_some_and(|s| s.access == Access::Block);
+        if md.file_type().is_block_device() || block_staged {
+            let total = match sys::loop_of_device_node(path).or_else(|| v.device.clone()) {
+                Some(l) => l.size_bytes()?,
+                None => 0,
+            };
             return Ok(VolumeStats {
                 total_bytes: total,
                 used_bytes: None,
                 available_bytes: None,
                 inodes: None,
                 abnormal,
-            });
-        }
-        let mounted = v.staging_path.as_deref() == Some(path) || v.published.iter().any(|p| p == path);
-        if !mounted {
-            // The spec's answer for "not published at the given volume_path" is NOT_FOUND.
-            return Err(Error::PathNotFound {
-                path: path.to_owned(),
             });
         }
         let fs = sys::statvfs(path)?;
@@ -1066,8 +1131,16 @@ impl VolumeManager {
     }
 
     /// Refreshes the loop device and grows the filesystem to the volume's size. Returns the size.
-    pub async fn node_expand(&self, id: &str) -> Result<u64, Error> {
+    /// `path` (where the CO sees the volume) must exist; the volume is looked up first, so an
+    /// unknown volume is NOT_FOUND whatever the path.
+    pub async fn node_expand(&self, id: &str, path: &Path) -> Result<u64, Error> {
         let v = self.get(id)?;
+        let valid = ids::check_path("volume_path", &path.to_string_lossy()).is_ok();
+        if !valid || !path.exists() {
+            return Err(Error::PathNotFound {
+                path: path.to_owned(),
+            });
+        }
         let Some(dev) = &v.device else {
             return Err(Error::FailedPrecondition {
                 volume_id: id.to_owned(),
@@ -1077,7 +1150,19 @@ impl VolumeManager {
         sys::loop_refresh(dev).await?;
         if let (Some(stage), Some(staged_at)) = (self.read_stage(id)?, &v.staging_path) {
             if stage.access == Access::Mount {
-                sys::grow_fs(&dev.path(), staged_at, &stage.fs_type).await?;
+                if let Err(e) = sys::grow_fs(&dev.path(), staged_at, &stage.fs_type).await {
+                    // Documented: without the capability, ext4 grows at the next stage (offline).
+                    if stage.fs_type == "ext4" && !sys::has_capability(sys::CAP_SYS_RESOURCE) {
+                        return Err(Error::FailedPrecondition {
+                            volume_id: id.to_owned(),
+                            reason: format!(
+                                "online ext4 growth needs CAP_SYS_RESOURCE, which the node plugin \
+                                 does not have ({e}); the filesystem grows when the volume is next staged"
+                            ),
+                        });
+                    }
+                    return Err(e.into());
+                }
             }
         }
         tracing::info!(volume.id = %id, "volume expanded on node");

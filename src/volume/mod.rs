@@ -8,6 +8,7 @@
 //! volumes/<vol-id>/volume.rec   VolumeRecord (see record.rs for the envelope)
 //! volumes/<vol-id>/data.img     the sparse backing file
 //! volumes/<vol-id>/stage.rec    StageRecord, present while staged
+//! volumes/<vol-id>/publish.rec  PublishRecord: the access mode of each publish
 //! volumes/.new-<vol-id>-<uuid>  a volume being created (renamed into place when complete)
 //! trash/                        volumes being deleted (renamed here first, then removed)
 //! ```
@@ -19,8 +20,11 @@
 mod manager;
 pub use manager::SUPPORTED_FS;
 pub mod fiemap;
+pub mod publish;
 pub mod record;
 pub mod sys;
+
+pub use publish::PublishMode;
 
 pub use manager::{
     Access, CreateSpec, Error, HydrateSeed, LineageRecord, StageSpec, VolumeManager, VolumeRecord,

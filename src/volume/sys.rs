@@ -74,6 +74,8 @@ pub fn loops_for(backing: &Path) -> Vec<LoopDevice> {
     };
     let want = backing.to_string_lossy();
     let mut found = Vec::new();
+    // Asked of the kernel (one `losetup`) only when a device's printed path is not one of ours.
+    let mut by_inode: Option<Vec<String>> = None;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with("loop") {
@@ -84,7 +86,20 @@ pub fn loops_for(backing: &Path) -> Vec<LoopDevice> {
         };
         // A FUSE file whose server died reads as unlinked ("... (deleted)"): still this file.
         let file = file.trim_end_matches('\n');
-        if file.strip_suffix(" (deleted)").unwrap_or(file) == want {
+        let file = file.strip_suffix(" (deleted)").unwrap_or(file);
+        // The kernel prints the path as seen from the mount namespace that attached the device;
+        // after a restart of the node plugin's container (a new namespace) a file on a mount made
+        // elsewhere (a hydrator pod's FUSE file) prints differently: same name, other path. Such a
+        // device is this file's when its backing inode is.
+        let same = file == want
+            || (backing
+                .file_name()
+                .is_some_and(|n| file.ends_with(&*n.to_string_lossy()))
+                && !Path::new(file).exists()
+                && by_inode
+                    .get_or_insert_with(|| loops_by_backing_inode(backing))
+                    .contains(&name));
+        if same {
             let read_only = std::fs::read_to_string(e.path().join("ro"))
                 .map(|s| s.trim() == "1")
                 .unwrap_or(false);
@@ -93,6 +108,34 @@ pub fn loops_for(backing: &Path) -> Vec<LoopDevice> {
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
     found
+}
+
+/// The loop devices (`loopN`) backed by the inode of `backing` (device and inode number, as
+/// `losetup` reads them from the kernel), whatever path the kernel prints for them.
+fn loops_by_backing_inode(backing: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(backing) else {
+        return Vec::new();
+    };
+    let want = format!(
+        "{}:{}",
+        nix::sys::stat::major(md.dev()),
+        nix::sys::stat::minor(md.dev())
+    );
+    let ino = md.ino().to_string();
+    let Ok(out) = std::process::Command::new("losetup")
+        .args(["--list", "--noheadings", "-O", "NAME,BACK-MAJ:MIN,BACK-INO"])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [dev, majmin, i] if majmin == want && i == ino => dev.strip_prefix("/dev/").map(str::to_owned),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The loop device behind a device node such as a bind-mounted block publish target.
@@ -339,6 +382,22 @@ pub async fn ext4_size(device: &Path) -> Result<u64, SysError> {
             })
     };
     Ok(field("Block count:")? * field("Block size:")?)
+}
+
+/// Capability number of CAP_SYS_RESOURCE (linux/capability.h), which online ext4 growth
+/// (EXT4_IOC_RESIZE_FS) needs.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process has capability `cap` in its effective set.
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|eff| eff & (1u64 << cap) != 0)
 }
 
 /// Grows an unmounted ext4 filesystem to its device (needs no CAP_SYS_RESOURCE, unlike online).

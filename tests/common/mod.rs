@@ -16,17 +16,24 @@ use strata::proto::csi::node_client::NodeClient;
 use strata::proto::csi::volume_capability::{access_mode::Mode, AccessType, BlockVolume, MountVolume};
 use tonic::transport::Channel;
 
-/// Repeats a call while it answers ABORTED, as the kubelet and the sidecars do (another operation
-/// on the volume holds it for a moment, such as the agent retiring a finished hydration).
+/// How long a test keeps repeating a call that answers ABORTED before it takes the answer.
+pub const ABORTED_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Repeats a call while it answers ABORTED, as the kubelet and the sidecars do (another call on
+/// the volume holds it for a moment), with a backoff from 50 ms doubling to 1 s, for at most
+/// [`ABORTED_PATIENCE`]; then the last answer is returned, so a volume that stays busy fails the
+/// test with the driver's message (which names the operation holding it).
 #[macro_export]
 macro_rules! retry_aborted {
     ($call:expr) => {{
-        let mut tries = 0;
+        let deadline = std::time::Instant::now() + $crate::common::ABORTED_PATIENCE;
+        let mut delay = std::time::Duration::from_millis(50);
         loop {
             match $call.await {
-                Err(s) if s.code() == tonic::Code::Aborted && tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                Err(s) if s.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                    eprintln!("retrying after ABORTED: {}", s.message());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(1));
                 }
                 r => break r,
             }
@@ -211,7 +218,12 @@ impl TestBed {
             .args(controller_args)
             .arg(format!("--agent-token-file={}", bed.token_file.display()))
             .arg(format!("--store={}", bed.store_url))
-            .arg("--gc-grace-seconds=0")
+            // The minimum grace, and GC often enough that tests wait seconds past it, not minutes.
+            .arg(format!(
+                "--gc-grace-seconds={}",
+                strata::snapshot::gc::MIN_GRACE.as_secs()
+            ))
+            .arg("--gc-interval-seconds=2")
             .args(&spec.controller_extra)
             .env("STRATA_LOG_LEVEL", "strata=debug,info")
             .env_remove("STRATA_AGENT_TOKEN")
@@ -433,10 +445,12 @@ pub fn mount_cap_mode(fs: &str, mode: Mode) -> pb::VolumeCapability {
 }
 
 pub fn block_cap() -> pb::VolumeCapability {
+    block_cap_mode(Mode::SingleNodeWriter)
+}
+
+pub fn block_cap_mode(mode: Mode) -> pb::VolumeCapability {
     pb::VolumeCapability {
-        access_mode: Some(pb::volume_capability::AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
+        access_mode: Some(pb::volume_capability::AccessMode { mode: mode as i32 }),
         access_type: Some(AccessType::Block(BlockVolume {})),
     }
 }
@@ -529,9 +543,13 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
 
 pub const MIB: i64 = 1 << 20;
 
-/// CreateVolume that must succeed; the created volume.
+/// CreateVolume that must succeed (repeated while ABORTED, as the provisioner does); the volume.
 pub async fn create_volume(ctl: &mut ControllerClient<Channel>, req: pb::CreateVolumeRequest) -> pb::Volume {
-    ctl.create_volume(req).await.unwrap().into_inner().volume.unwrap()
+    retry_aborted!(ctl.create_volume(req.clone()))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
 }
 
 /// Creates a block volume from `req` and stages and publishes it on node `node` (the node it lands
@@ -557,17 +575,15 @@ pub fn snapshot_req(name: &str, source: &str) -> pb::CreateSnapshotRequest {
     }
 }
 
-/// CreateSnapshot, repeated (as the external-snapshotter does) until ready.
+/// CreateSnapshot, repeated (as the external-snapshotter does) until ready, and while ABORTED.
 pub async fn snapshot_with(
     ctl: &mut ControllerClient<Channel>,
     req: pb::CreateSnapshotRequest,
 ) -> pb::Snapshot {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let s = ctl
-            .create_snapshot(req.clone())
-            .await
-            .unwrap()
+        let s = retry_aborted!(ctl.create_snapshot(req.clone()))
+            .unwrap_or_else(|s| panic!("CreateSnapshot {}: {s:?}", req.name))
             .into_inner()
             .snapshot
             .unwrap();
