@@ -26,6 +26,9 @@
 #                                                component also listens on its HTTP port + 10000
 #                                                for gRPC (SeaweedFS's convention)
 #   STRATA_S3_START_TIMEOUT (30), STRATA_S3_STOP_TIMEOUT (5)   seconds
+#   STRATA_S3_BIND (127.0.0.1)                   the one address every component binds and
+#                                                advertises (e2e-local.sh uses the local
+#                                                cluster's node address on lo, which pods reach)
 # A server found in ENV_FILE is reused as it is, whatever these say.
 set -euo pipefail
 
@@ -36,6 +39,8 @@ BUCKET=strata-test
 REGION=us-east-1
 START_TIMEOUT=${STRATA_S3_START_TIMEOUT:-30}
 STOP_TIMEOUT=${STRATA_S3_STOP_TIMEOUT:-5}
+BIND=${STRATA_S3_BIND:-127.0.0.1}
+export STRATA_S3_BIND=$BIND
 MARKER=.strata-s3-server   # in each state dir this script made: only those are ever removed
 
 # A CA bundle set for other tools must not leak into clients of the plain-http endpoint.
@@ -110,7 +115,7 @@ def free(port):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Go's listeners do
     try:
-        s.bind(("127.0.0.1", port))
+        s.bind((os.environ.get("STRATA_S3_BIND", "127.0.0.1"), port))
         return True
     except OSError:
         return False
@@ -431,7 +436,7 @@ cmd_start() {
       if [ -n "${!n:-}" ]; then ports+=("${!n}"); else ports+=("${picked[$i]}"); i=$((i + 1)); fi
     done
     local s3=${ports[0]} master=${ports[1]} volume=${ports[2]} filer=${ports[3]} admin=${ports[4]}
-    endpoint=http://127.0.0.1:$s3
+    endpoint=http://$BIND:$s3
 
     dir=$(mktemp -d "$CACHE_DIR/s3-server.XXXXXX")
     touch "$dir/$MARKER"
@@ -441,7 +446,7 @@ cmd_start() {
 
     local args=(
       mini -dir="$dir/data"
-      -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false
+      -ip="$BIND" -ip.bind="$BIND" -master.telemetry=false
       -s3.port="$s3" -s3.port.grpc=$((s3 + 10000))
       -master.port="$master" -master.port.grpc=$((master + 10000))
       -volume.port="$volume" -volume.port.grpc=$((volume + 10000))

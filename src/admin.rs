@@ -369,9 +369,13 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 /// `strata gc` options.
 #[derive(Debug, clap::Args)]
 pub struct GcArgs {
-    /// Keep unreferenced chunks younger than this many seconds.
+    /// Keep unreferenced chunks younger than this many seconds, by the store's clock (at least 10).
     #[arg(long, default_value_t = 3600)]
     pub grace_seconds: u64,
+    /// Repeat until no unreferenced chunk is kept for its age (waiting on the store's clock), for
+    /// at most this many seconds: cleans up everything deleted up to now.
+    #[arg(long, default_value_t = 0)]
+    pub settle_seconds: u64,
     /// Store.
     #[command(flatten)]
     pub store: StoreArgs,
@@ -380,7 +384,12 @@ pub struct GcArgs {
 /// Runs `strata gc`.
 pub async fn gc(args: GcArgs) -> anyhow::Result<()> {
     let store = args.store.open().await?;
-    let r = gc::collect(&store, Duration::from_secs(args.grace_seconds)).await?;
+    let grace = gc::check_grace(Duration::from_secs(args.grace_seconds))?;
+    let r = if args.settle_seconds > 0 {
+        gc::collect_settled(&store, grace, Duration::from_secs(args.settle_seconds)).await?
+    } else {
+        gc::collect(&store, grace).await?
+    };
     println!(
         "{} manifests, {} leases; {} chunks: {} referenced, {} recent kept, {} deleted ({})",
         r.manifests,

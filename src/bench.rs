@@ -500,9 +500,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
 
     // Clean up what the run stored.
     for m in [&m1, &m2] {
-        store.delete(&manifest::manifest_key(&m.snapshot_id)).await?;
+        manifest::delete_snapshot(&store, &m.snapshot_id).await?;
     }
-    crate::snapshot::gc::collect(&store, std::time::Duration::ZERO).await?;
+    crate::snapshot::gc::collect_settled(
+        &store,
+        crate::snapshot::gc::MIN_GRACE,
+        std::time::Duration::from_secs(60),
+    )
+    .await?;
     for p in [&img, &clone1, &clone2, &out] {
         let _ = std::fs::remove_file(p);
     }

@@ -59,7 +59,8 @@ pub struct ControllerArgs {
     /// Snapshot store: a directory path, or `s3://bucket/prefix?endpoint=..&region=..&path_style=true`.
     #[arg(long, env = "STRATA_STORE")]
     pub store: Option<String>,
-    /// Unreferenced chunks younger than this many seconds are kept by GC (default 3600).
+    /// Unreferenced chunks younger than this many seconds (by the store's clock) are kept by GC
+    /// (default 3600, at least 10: see `snapshot::gc`).
     #[arg(long, env = "STRATA_GC_GRACE_SECONDS")]
     pub gc_grace_seconds: Option<u64>,
     /// Seconds between periodic GC runs (default 600); GC also runs shortly after every delete.
@@ -118,6 +119,14 @@ pub struct NodeArgs {
     /// writes that need a chunk first are never held back by it.
     #[arg(long, env = "STRATA_HYDRATION_BANDWIDTH_MIB")]
     pub hydration_bandwidth_mib: Option<u64>,
+    /// In a cluster: a YAML Pod template (rendered by the chart) from which hydrators are started
+    /// as pods of their own, so that they outlive this process's container. Without it hydrators
+    /// are child processes.
+    #[arg(long, env = "STRATA_HYDRATOR_POD_TEMPLATE")]
+    pub hydrator_pod_template: Option<PathBuf>,
+    /// Namespace of the hydrator pods (the node plugin's own).
+    #[arg(long = "pod-namespace", env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 }
 
 fn load<T: for<'de> Deserialize<'de> + Default>(path: &Option<PathBuf>) -> Result<T, ConfigError> {
@@ -151,6 +160,19 @@ pub fn check_chunk_size(n: u32) -> Result<u32, ConfigError> {
         )));
     }
     Ok(n)
+}
+
+/// The GC grace from its setting in seconds (default 3600): refused below
+/// [`crate::snapshot::gc::MIN_GRACE`].
+pub fn gc_grace(seconds: Option<u64>) -> Result<std::time::Duration, ConfigError> {
+    let grace = std::time::Duration::from_secs(seconds.unwrap_or(3600));
+    crate::snapshot::gc::check_grace(grace).map_err(|_| {
+        ConfigError::Invalid(format!(
+            "gcGraceSeconds {} is below the minimum of {} s: GC could delete chunks of uploads in progress",
+            grace.as_secs(),
+            crate::snapshot::gc::MIN_GRACE.as_secs()
+        ))
+    })
 }
 
 /// Parses `node=host:port,...`.
@@ -236,7 +258,9 @@ impl NodeArgs {
             chunk_size,
             transfer_concurrency,
             fsr_interval_ms,
-            hydration_bandwidth_mib
+            hydration_bandwidth_mib,
+            hydrator_pod_template,
+            pod_namespace
         ))
     }
 }
@@ -276,6 +300,13 @@ mod tests {
         assert!(parse_agents("a=1.2.3.4").is_err());
         assert_eq!(parse_agents("a=127.0.0.1:1, b=127.0.0.1:2").unwrap().len(), 2);
         assert!(socket_path("relative.sock").is_err());
+        assert!(gc_grace(Some(0)).is_err());
+        assert!(gc_grace(Some(9))
+            .unwrap_err()
+            .to_string()
+            .contains("minimum of 10 s"));
+        assert_eq!(gc_grace(Some(10)).unwrap().as_secs(), 10);
+        assert_eq!(gc_grace(None).unwrap().as_secs(), 3600);
         assert_eq!(
             socket_path("unix:///csi/csi.sock").unwrap(),
             PathBuf::from("/csi/csi.sock")

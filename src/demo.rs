@@ -156,7 +156,7 @@ impl Demo {
             format!("--agents=demo-node=127.0.0.1:{port}"),
             format!("--agent-token-file={}", token_file.display()),
             store_arg,
-            "--gc-grace-seconds=0".into(),
+            "--gc-grace-seconds=10".into(),
         ])?);
         for s in [&csock, &nsock] {
             if !wait_for_socket(s, Duration::from_secs(10)).await {
@@ -350,7 +350,13 @@ impl Demo {
                 })
                 .await?;
         }
-        let report = crate::snapshot::gc::collect(&self.store, Duration::ZERO).await?;
+        // The chunks are seconds old: wait (on the store's clock) until the grace has passed.
+        let report = crate::snapshot::gc::collect_settled(
+            &self.store,
+            crate::snapshot::gc::MIN_GRACE,
+            Duration::from_secs(60),
+        )
+        .await?;
         let left = self.store.list("chunks/").await?.len();
         step(
             10,

@@ -25,7 +25,7 @@
 //! | CreateSnapshot of volume V (agent) | any other call on V, for the capture only; uploads run beside anything |
 //! | CreateVolume cloning V (agent) | any other call on V |
 //! | CreateSnapshot / DeleteSnapshot of S (controller) | each other on S |
-//! | garbage collection | nothing: manifests are read before leases (see `snapshot::gc`) |
+//! | garbage collection | nothing; an upload waits for a running sweep to end before it commits (see `snapshot::gc`) |
 //!
 //! # Persistence
 //!

@@ -64,10 +64,13 @@ fn bind_unix(path: &Path) -> Result<UnixListenerStream, ServiceError> {
 }
 
 /// The snapshot store, when one is configured (both roles take the same `--store`).
-async fn open_store(url: Option<&str>) -> Result<Option<crate::store::Store>, ServiceError> {
+async fn open_store(
+    url: Option<&str>,
+    metrics: &Metrics,
+) -> Result<Option<crate::store::Store>, ServiceError> {
     match url {
         Some(url) => {
-            let store = crate::store::open(url)
+            let store = crate::store::open_counting(url, metrics.store_retry_count())
                 .await
                 .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?;
             Ok(Some(store))
@@ -76,15 +79,35 @@ async fn open_store(url: Option<&str>) -> Result<Option<crate::store::Store>, Se
     }
 }
 
-fn spawn_metrics(addr: Option<std::net::SocketAddr>, metrics: Arc<Metrics>, cancel: &CancellationToken) {
-    if let Some(addr) = addr {
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if let Err(e) = telemetry::serve_http(addr, metrics, async move { c.cancelled().await }).await {
-                tracing::error!(%addr, error = %e, "metrics endpoint failed");
-            }
-        });
-    }
+/// A client for the cluster this process runs in (or the one KUBECONFIG names).
+async fn kube_client() -> Result<kube::Client, ServiceError> {
+    kube::Client::try_default()
+        .await
+        .map_err(|e| ServiceError::Kube(e.to_string()))
+}
+
+/// Binds the metrics endpoint before serving anything else: a port still held (by the previous
+/// pod of a rolling update on the host network, say) fails the start, so the process is restarted
+/// until it can bind instead of running without `/metrics`.
+async fn spawn_metrics(
+    addr: Option<std::net::SocketAddr>,
+    metrics: Arc<Metrics>,
+    cancel: &CancellationToken,
+) -> Result<(), ServiceError> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServiceError::Io {
+            context: format!("bind the metrics endpoint {addr}"),
+            source,
+        })?;
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        if let Err(e) = telemetry::serve_http(listener, metrics, async move { c.cancelled().await }).await {
+            tracing::error!(%addr, error = %e, "metrics endpoint failed");
+        }
+    });
+    Ok(())
 }
 
 /// Runs the controller until `cancel` fires.
@@ -99,9 +122,7 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
     let discovery = match args.agent_discovery.as_deref().unwrap_or("static") {
         "static" => Discovery::Static(config::parse_agents(args.agents.as_deref().unwrap_or(""))?),
         "kube" => Discovery::Kube {
-            client: kube::Client::try_default()
-                .await
-                .map_err(|e| ServiceError::Kube(e.to_string()))?,
+            client: kube_client().await?,
             namespace: args
                 .agent_namespace
                 .clone()
@@ -119,14 +140,15 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
         }
     };
     let metrics = Arc::new(Metrics::default());
-    spawn_metrics(args.metrics_addr, metrics.clone(), &cancel);
-    let store = open_store(args.store.as_deref()).await?;
+    spawn_metrics(args.metrics_addr, metrics.clone(), &cancel).await?;
+    let gc_grace = crate::config::gc_grace(args.gc_grace_seconds)?;
+    let store = open_store(args.store.as_deref(), &metrics).await?;
     let gc_kick = Arc::new(tokio::sync::Notify::new());
     if let Some(store) = &store {
         tokio::spawn(crate::csi::controller_snapshots::gc_loop(
             store.clone(),
             gc_kick.clone(),
-            std::time::Duration::from_secs(args.gc_grace_seconds.unwrap_or(3600)),
+            gc_grace,
             std::time::Duration::from_secs(args.gc_interval_seconds.unwrap_or(600)),
             cancel.clone(),
         ));
@@ -184,10 +206,7 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
             || std::env::var_os("KUBECONFIG").is_some() =>
         {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| ServiceError::Kube(e.to_string()))?;
-            crate::kube::zone_of_node(&client, &node_name)
+            crate::kube::zone_of_node(&kube_client().await?, &node_name)
                 .await
                 .map_err(|e| ServiceError::Kube(e.to_string()))?
         }
@@ -204,20 +223,37 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
     )?);
     let guard = OpGuard::default();
     let metrics = Arc::new(Metrics::default());
-    spawn_metrics(args.metrics_addr, metrics.clone(), &cancel);
+    spawn_metrics(args.metrics_addr, metrics.clone(), &cancel).await?;
 
     let agent_addr = args
         .agent_listen
         .unwrap_or_else(|| "0.0.0.0:7001".parse().expect("valid address"));
-    let store = open_store(args.store.as_deref()).await?;
+    let store = open_store(args.store.as_deref(), &metrics).await?;
     let concurrency = args.transfer_concurrency.unwrap_or(8).max(1);
-    let hydrators = Arc::new(crate::hydrate::supervise::Hydrators::new(
+    let mut hydrators = crate::hydrate::supervise::Hydrators::new(
         manager.clone(),
         args.store.clone(),
         concurrency,
         args.hydration_bandwidth_mib.unwrap_or(0),
         metrics.clone(),
-    ));
+    );
+    if let Some(template) = &args.hydrator_pod_template {
+        let client = kube_client().await?;
+        let namespace = args.pod_namespace.clone().ok_or_else(|| {
+            ConfigError::Invalid("--hydrator-pod-template needs --pod-namespace (or POD_NAMESPACE)".into())
+        })?;
+        let launcher = crate::hydrate::pods::PodLauncher::new(
+            client,
+            &namespace,
+            &node_name,
+            &storage.to_string_lossy(),
+            &template.to_string_lossy(),
+        )
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        tracing::info!(%namespace, "hydrators run as pods");
+        hydrators = hydrators.with_pods(launcher);
+    }
+    let hydrators = Arc::new(hydrators);
     {
         // Resumes hydrations after a restart or reboot, retires finished ones, feeds metrics.
         let (h, g, c) = (hydrators.clone(), guard.clone(), cancel.clone());

@@ -102,6 +102,7 @@ struct Rendered {
     drivers: Vec<CSIDriver>,
     storage_classes: Vec<StorageClass>,
     secrets: Vec<Secret>,
+    hydrator_template: Option<k8s_openapi::api::core::v1::Pod>,
     others: Vec<Value>,
 }
 
@@ -114,6 +115,7 @@ fn check(docs: &[Value]) -> Rendered {
         drivers: vec![],
         storage_classes: vec![],
         secrets: vec![],
+        hydrator_template: None,
         others: vec![],
     };
     for d in docs {
@@ -129,6 +131,20 @@ fn check(docs: &[Value]) -> Rendered {
             "Secret" => r.secrets.push(typed(d)),
             "CSIDriver" => r.drivers.push(typed(d)),
             "StorageClass" => r.storage_classes.push(typed(d)),
+            "ConfigMap" => {
+                let cm: k8s_openapi::api::core::v1::ConfigMap = typed(d);
+                // The hydrator pod template must be a Pod the node plugin can start.
+                if let Some(t) = cm.data.as_ref().and_then(|m| m.get("pod.yaml")) {
+                    let v: Value = serde_yaml::from_str(t).unwrap();
+                    let pod: k8s_openapi::api::core::v1::Pod = typed(&{
+                        let mut v = v.clone();
+                        v["kind"] = "Pod".into();
+                        v["apiVersion"] = "v1".into();
+                        v
+                    });
+                    r.hydrator_template = Some(pod);
+                }
+            }
             "VolumeSnapshotClass" | "ServiceMonitor" => r.others.push(d.clone()),
             other => panic!("unexpected kind {other}"),
         }
@@ -490,4 +506,223 @@ fn examples_parse_and_use_the_driver() {
     ] {
         assert!(kinds.iter().any(|k| k == want), "no {want} example");
     }
+}
+
+#[test]
+fn numbers_render_as_integers() {
+    // YAML numbers reach the templates as floats: 4194304 once rendered as 4.194304e+06 and every
+    // node pod crashed on it.
+    let r = check(&render(&["store.bucket=bkt"]));
+    let ds = r.daemonsets[0].spec.clone().unwrap().template.spec.unwrap();
+    let strata = container(&ds.containers, "strata");
+    assert_eq!(env(strata, "STRATA_CHUNK_SIZE").as_deref(), Some("4194304"));
+    assert_eq!(env(strata, "STRATA_MAX_VOLUMES").as_deref(), Some("256"));
+    let text = serde_yaml::to_string(&render(&["store.bucket=bkt"])).unwrap();
+    assert!(!text.contains("e+0"), "a number rendered in scientific notation");
+}
+
+#[test]
+fn sidecars_are_current_releases() {
+    // csi-provisioner v5.2.0 (CSI spec 1.11) crashed on GET_SNAPSHOT: every sidecar must be one
+    // built against CSI spec 1.12.
+    let r = check(&render(&["store.bucket=bkt"]));
+    let pod = r.deployments[0].spec.clone().unwrap().template.spec.unwrap();
+    let ds = r.daemonsets[0].spec.clone().unwrap().template.spec.unwrap();
+    let images: Vec<String> = pod
+        .containers
+        .iter()
+        .chain(ds.containers.iter())
+        .filter_map(|c| c.image.clone())
+        .filter(|i| i.contains("sig-storage"))
+        .collect();
+    for want in [
+        "csi-provisioner:v6.3.0",
+        "csi-snapshotter:v8.6.0",
+        "csi-resizer:v2.2.1",
+        "csi-node-driver-registrar:v2.17.0",
+        "livenessprobe:v2.19.0",
+    ] {
+        assert!(
+            images.iter().any(|i| i.ends_with(want)),
+            "{want} not in {images:?}"
+        );
+    }
+}
+
+#[test]
+fn pods_are_ready_only_when_the_driver_serves_and_never_double_bind_ports() {
+    for host in ["false", "true"] {
+        let r = check(&render(&[
+            "store.bucket=bkt",
+            &format!("node.hostNetwork={host}"),
+            &format!("controller.hostNetwork={host}"),
+        ]));
+        let dep = r.deployments[0].spec.clone().unwrap();
+        let strategy = dep.strategy.clone().unwrap();
+        if host == "true" {
+            assert_eq!(
+                strategy.type_.as_deref(),
+                Some("Recreate"),
+                "host ports held twice in a rollout"
+            );
+        } else {
+            let ru = strategy.rolling_update.unwrap();
+            assert_eq!(
+                ru.max_unavailable,
+                Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+            );
+        }
+        let pod = dep.template.spec.unwrap();
+        let ds = r.daemonsets[0].spec.clone().unwrap();
+        let ru = ds.update_strategy.unwrap().rolling_update.unwrap();
+        assert_eq!(
+            ru.max_surge,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+        );
+        let node = ds.template.spec.unwrap();
+        for (p, sidecar) in [(&pod, "liveness-probe"), (&node, "liveness-probe")] {
+            let strata = container(&p.containers, "strata");
+            let probe = strata.readiness_probe.clone().expect("a readiness probe");
+            let port = probe.http_get.unwrap().port;
+            let health = container(&p.containers, sidecar)
+                .args
+                .iter()
+                .flatten()
+                .find_map(|a| a.strip_prefix("--health-port="))
+                .unwrap()
+                .to_owned();
+            assert_eq!(
+                port,
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(health.parse().unwrap()),
+                "readiness must ask the CSI health endpoint"
+            );
+        }
+    }
+}
+
+#[test]
+fn additional_daemonsets_serve_nodes_that_differ() {
+    let r = check(&render(&[
+        "store.bucket=bkt",
+        "node.nodeSelector.pool=a",
+        "node.additionalDaemonSets.b.kubeletDir=/var/lib/kubelet-node-b",
+        "node.additionalDaemonSets.b.storageDir=/var/lib/strata-b",
+        "node.additionalDaemonSets.b.nodeSelector.pool=b",
+        "node.additionalDaemonSets.b.agentPort=7101",
+    ]));
+    assert_eq!(r.daemonsets.len(), 2);
+    let names: Vec<_> = r
+        .daemonsets
+        .iter()
+        .map(|d| d.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["strata-node", "strata-node-b"]);
+    let selectors: Vec<_> = r
+        .daemonsets
+        .iter()
+        .map(|d| d.spec.clone().unwrap().selector.match_labels.unwrap())
+        .collect();
+    assert_ne!(
+        selectors[0], selectors[1],
+        "DaemonSets with one selector fight over pods"
+    );
+    let b = r.daemonsets[1].spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(
+        b.node_selector.clone().unwrap().get("pool").map(String::as_str),
+        Some("b")
+    );
+    let reg = container(&b.containers, "node-driver-registrar");
+    assert!(reg
+        .args
+        .iter()
+        .flatten()
+        .any(|a| a == "--kubelet-registration-path=/var/lib/kubelet-node-b/plugins/strata.csi.dev/csi.sock"));
+    let strata = container(&b.containers, "strata");
+    assert_eq!(
+        env(strata, "STRATA_STORAGE_DIR").as_deref(),
+        Some("/var/lib/strata-b")
+    );
+    assert!(strata
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| p.name.as_deref() == Some("agent") && p.container_port == 7101));
+    // Both DaemonSets' pods are agents for the controller.
+    let ctl = r.deployments[0].spec.clone().unwrap().template.spec.unwrap();
+    let selector = env(container(&ctl.containers, "strata"), "STRATA_AGENT_SELECTOR").unwrap();
+    for ds in &r.daemonsets {
+        let labels = ds
+            .spec
+            .clone()
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .labels
+            .unwrap();
+        for kv in selector.split(',') {
+            let (k, v) = kv.split_once('=').unwrap();
+            assert_eq!(labels.get(k).map(String::as_str), Some(v));
+        }
+    }
+}
+
+#[test]
+fn storage_dir_must_be_shared_and_the_node_pod_says_so() {
+    let r = check(&render(&["store.bucket=bkt"]));
+    let ds = r.daemonsets[0].spec.clone().unwrap().template.spec.unwrap();
+    let init = ds.init_containers.clone().unwrap();
+    let script = container(&init, "check-storage-dir")
+        .args
+        .clone()
+        .unwrap()
+        .join("\n");
+    assert!(
+        script.contains("not a shared mount") && script.contains("/var/lib/strata"),
+        "{script}"
+    );
+    assert!(
+        script.contains("/proc/1/mountinfo"),
+        "the host's mount table decides"
+    );
+    assert_eq!(ds.host_pid, Some(true), "the check reads the host's mount table");
+}
+
+#[test]
+fn hydrators_run_in_pods_of_their_own() {
+    let r = check(&render(&["store.bucket=bkt"]));
+    let t = r.hydrator_template.expect("a hydrator pod template");
+    let spec = t.spec.unwrap();
+    let c = &spec.containers[0];
+    assert_eq!(c.security_context.clone().unwrap().privileged, Some(true));
+    let m = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "storage-dir")
+        .unwrap();
+    assert_eq!(m.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert!(c.env.iter().flatten().any(|e| e.name == "STRATA_STORE"));
+    let ds = r.daemonsets[0].spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(
+        env(
+            container(&ds.containers, "strata"),
+            "STRATA_HYDRATOR_POD_TEMPLATE"
+        )
+        .as_deref(),
+        Some("/etc/strata/hydrator/pod.yaml")
+    );
+    let node_role = r
+        .roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("strata-node"))
+        .unwrap();
+    assert!(node_role.rules.iter().flatten().any(|rule| rule
+        .resources
+        .iter()
+        .flatten()
+        .any(|x| x == "pods")
+        && rule.verbs.iter().any(|v| v == "create")));
+    let off = check(&render(&["store.bucket=bkt", "node.hydratorPods=false"]));
+    assert!(off.hydrator_template.is_none());
 }

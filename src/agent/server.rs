@@ -123,10 +123,10 @@ impl Agent for AgentService {
             }
             _ => return Err(Status::invalid_argument("at most one volume source")),
         };
-        let _t = self.guard.acquire(&r.volume_id)?;
+        let _t = self.guard.acquire(&r.volume_id, "CreateVolume").await?;
         // A clone reads the source: no other operation may run on it meanwhile.
         let _src = match &source {
-            VolumeSource::Volume(src) => Some(self.guard.acquire(src)?),
+            VolumeSource::Volume(src) => Some(self.guard.acquire(src, "CreateVolume (a clone of it)").await?),
             _ => None,
         };
         let image = match &source {
@@ -179,7 +179,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let id = req.into_inner().volume_id;
         id_ok(&id)?;
-        let _t = self.guard.acquire(&id)?;
+        let _t = self.guard.acquire(&id, "DeleteVolume").await?;
         // A staged volume is refused before its hydrator is touched: it must keep serving.
         self.manager.check_detached(&id)?;
         let lease = self.hydrators.abandon(&id).await?;
@@ -221,7 +221,7 @@ impl Agent for AgentService {
         if r.capacity_bytes <= 0 {
             return Err(Status::invalid_argument("capacity_bytes must be positive"));
         }
-        let _t = self.guard.acquire(&r.volume_id)?;
+        let _t = self.guard.acquire(&r.volume_id, "ExpandVolume").await?;
         let (capacity, node_expansion_required) =
             self.manager.expand(&r.volume_id, r.capacity_bytes as u64).await?;
         Ok(Response::new(pb::ExpandVolumeResponse {
@@ -238,7 +238,7 @@ impl Agent for AgentService {
         let r = req.into_inner();
         id_ok(&r.volume_id)?;
         crate::ids::check_id("snapshot_id", &r.snapshot_id).map_err(Status::invalid_argument)?;
-        let _t = self.guard.acquire(&r.volume_id)?;
+        let _t = self.guard.acquire(&r.volume_id, "CreateSnapshot").await?;
         let status = self
             .snapshots
             .create(
@@ -271,7 +271,11 @@ impl Agent for AgentService {
                     m.volume_id
                 )));
             }
-            tickets.push(self.guard.acquire(&m.volume_id)?);
+            tickets.push(
+                self.guard
+                    .acquire(&m.volume_id, "CreateVolumeGroupSnapshot")
+                    .await?,
+            );
             members.push(Member {
                 volume_id: m.volume_id.clone(),
                 snapshot_id: m.snapshot_id.clone(),

@@ -46,6 +46,7 @@
 pub mod bench;
 pub mod engine;
 pub mod fuse;
+pub mod pods;
 pub mod serve;
 pub mod supervise;
 

@@ -15,6 +15,10 @@ use crate::volume::{record, sys, Error, VolumeManager};
 
 /// How long a new hydrator may take to serve its file.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The same for a hydrator pod, which is scheduled and started by the kubelet first.
+const POD_START_TIMEOUT: Duration = Duration::from_secs(90);
+/// Ticks between two sweeps of ended hydrator pods.
+const POD_SWEEP_TICKS: u32 = 30;
 
 /// The hydrators of one node.
 pub struct Hydrators {
@@ -24,6 +28,9 @@ pub struct Hydrators {
     bandwidth_mib: u64,
     exe: PathBuf,
     children: Mutex<HashMap<String, Child>>,
+    /// In a cluster: hydrators run in pods of their own, which outlive this process's container.
+    pods: Option<super::pods::PodLauncher>,
+    ticks: std::sync::atomic::AtomicU32,
     metrics: Arc<Metrics>,
 }
 
@@ -50,19 +57,26 @@ pub fn spawn_hydrator(
         .append(true)
         .open(p.log())?;
     Command::new(exe)
-        .arg("hydrate")
-        .arg("--volume-dir")
-        .arg(&p.dir)
-        .arg("--concurrency")
-        .arg(concurrency.to_string())
-        .arg("--bandwidth-mib")
-        .arg(bandwidth_mib.to_string())
+        .args(hydrate_args(p, concurrency, bandwidth_mib))
         .env("STRATA_STORE", store_url)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)
         .spawn()
+}
+
+/// The arguments of `strata hydrate` for the volume at `p`, as a child process or in a pod.
+fn hydrate_args(p: &Paths, concurrency: usize, bandwidth_mib: u64) -> Vec<String> {
+    vec![
+        "hydrate".into(),
+        "--volume-dir".into(),
+        p.dir.to_string_lossy().into_owned(),
+        "--concurrency".into(),
+        concurrency.to_string(),
+        "--bandwidth-mib".into(),
+        bandwidth_mib.to_string(),
+    ]
 }
 
 fn alive(pid: u32) -> bool {
@@ -87,7 +101,57 @@ impl Hydrators {
             bandwidth_mib,
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
             children: Mutex::default(),
+            pods: None,
+            ticks: Default::default(),
             metrics,
+        }
+    }
+
+    /// Runs hydrators as pods started by `launcher` instead of child processes.
+    pub fn with_pods(mut self, launcher: super::pods::PodLauncher) -> Self {
+        self.pods = Some(launcher);
+        self
+    }
+
+    /// Starts the volume's hydrator pod and waits until it serves the file.
+    async fn start_pod(
+        &self,
+        id: &str,
+        p: &Paths,
+        url: &str,
+        launcher: &super::pods::PodLauncher,
+    ) -> Result<(), Error> {
+        use super::pods::PodState;
+        let unavailable = |reason: String| Error::Unavailable {
+            volume_id: id.to_owned(),
+            reason,
+        };
+        launcher
+            .start(
+                id,
+                &hydrate_args(p, self.concurrency, self.bandwidth_mib),
+                &[("STRATA_STORE", url)],
+            )
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        tracing::info!(volume.id = %id, pod = %super::pods::PodLauncher::name(id), "hydrator pod started");
+        let deadline = tokio::time::Instant::now() + POD_START_TIMEOUT;
+        loop {
+            if p.served() {
+                return Ok(());
+            }
+            if let PodState::Ended(phase) =
+                launcher.state(id).await.map_err(|e| unavailable(e.to_string()))?
+            {
+                return Err(unavailable(format!(
+                    "its hydrator pod ended ({phase}): {}",
+                    launcher.log_tail(id).await
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(unavailable("its hydrator pod did not serve in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -128,6 +192,9 @@ impl Hydrators {
                 });
             }
             let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Some(launcher) = &self.pods {
+            return self.start_pod(id, &p, &url, launcher).await;
         }
         let child =
             spawn_hydrator(&self.exe, &p, &url, self.concurrency, self.bandwidth_mib).map_err(|source| {
@@ -189,6 +256,16 @@ impl Hydrators {
                 source: std::io::Error::from(e),
             })?;
         }
+        if let Some(launcher) = &self.pods {
+            // Unmounted, the hydrator ends by itself; the pod goes either way.
+            return launcher
+                .delete(id, Duration::from_secs(15))
+                .await
+                .map_err(|e| Error::Unavailable {
+                    volume_id: id.to_owned(),
+                    reason: e.to_string(),
+                });
+        }
         let child = self.children.lock().expect("children").remove(id);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         match child {
@@ -230,13 +307,19 @@ impl Hydrators {
             let st = p.read_status().unwrap_or_default();
             let attached = !sys::loops_for(&p.lazy_data()).is_empty();
             let act = (st.complete() && !attached) || (!p.served() && !attached);
-            // Only acting needs the volume to itself; a busy volume waits for the next round.
-            let _t = match act.then(|| guard.acquire(&id)) {
-                Some(Err(_)) => {
+            // Only acting needs the volume to itself; a busy volume waits for the next round. A
+            // call that comes while we act waits for us rather than failing (see OpGuard).
+            let op = if st.complete() {
+                "retiring its finished hydration"
+            } else {
+                "restarting its hydrator"
+            };
+            let _t = match act.then(|| guard.try_background(&id, op)) {
+                Some(None) => {
                     active += 1;
                     continue;
                 }
-                Some(Ok(t)) => Some(t),
+                Some(Some(t)) => Some(t),
                 None => None,
             };
             // Re-read under the guard: a stage or delete may have run in between.
@@ -267,6 +350,7 @@ impl Hydrators {
         }
         self.metrics.hydration.volumes.set(active);
         self.metrics.hydration.chunks_pending.set(pending);
+        self.sweep_pods().await;
         self.children
             .lock()
             .expect("children")
@@ -285,6 +369,29 @@ impl Hydrators {
             return self.retire(id, &p, &st).await;
         }
         self.ensure_running(id).await
+    }
+
+    /// Now and then: deletes ended hydrator pods of volumes that no longer hydrate (their end was
+    /// not seen by a `stop`, e.g. across a restart). Ended pods of hydrating volumes stay for
+    /// diagnosis until the volume is restaged, which replaces them.
+    async fn sweep_pods(&self) {
+        let Some(launcher) = &self.pods else { return };
+        let n = self.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % POD_SWEEP_TICKS != 0 {
+            return;
+        }
+        match launcher.ended().await {
+            Ok(ids) => {
+                for id in ids {
+                    if self.paths(&id).map(|p| !p.hydrating()).unwrap_or(true) {
+                        if let Err(e) = launcher.delete(&id, Duration::ZERO).await {
+                            tracing::warn!(volume.id = %id, error = %e, "could not delete an ended hydrator pod");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list hydrator pods"),
+        }
     }
 
     async fn retire(&self, id: &str, p: &Paths, st: &HydrateStatus) -> Result<(), Error> {

@@ -1,7 +1,6 @@
 //! Logs (tracing, text or JSON) and Prometheus metrics with a `/metrics` + `/healthz` endpoint.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -116,6 +115,9 @@ pub struct Metrics {
     /// Lazy hydration gauges, fed by the node's hydrator supervision.
     pub hydration: HydrationMetrics,
     store_retries: Counter,
+    /// Retries of the process's store (shared with its [`crate::store::retry::Retrying`]),
+    /// copied into `store_retries` when encoding.
+    store_retry_count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Counters of snapshot uploads and restores.
@@ -313,6 +315,7 @@ impl Default for Metrics {
             snapshot,
             hydration,
             store_retries,
+            store_retry_count: Arc::default(),
         }
     }
 }
@@ -325,7 +328,7 @@ impl Metrics {
         fut: impl Future<Output = Result<T, tonic::Status>>,
     ) -> Result<T, tonic::Status> {
         let start = Instant::now();
-        let r = fut.await;
+        let r = fut.await.map_err(crate::csi::status::bounded);
         let code = match &r {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
@@ -347,10 +350,15 @@ impl Metrics {
         r
     }
 
+    /// The counter the process's store counts its retries in (see [`crate::store::open_counting`]).
+    pub fn store_retry_count(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.store_retry_count.clone()
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        // The retry count lives in the store layer (shared by every store of the process).
-        let retries = crate::store::retry::RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+        // The retry count lives in the store layer (the store opened with `store_retry_count`).
+        let retries = self.store_retry_count.load(std::sync::atomic::Ordering::Relaxed);
         self.store_retries
             .inner()
             .store(retries, std::sync::atomic::Ordering::Relaxed);
@@ -361,9 +369,9 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown` resolves.
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves.
 pub async fn serve_http(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -377,8 +385,9 @@ pub async fn serve_http(
                 async move { ([("content-type", "text/plain; version=0.0.4")], m.encode()) }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics endpoint listening");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics endpoint listening");
+    }
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

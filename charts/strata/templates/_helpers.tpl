@@ -58,3 +58,7 @@ s3://{{ .Values.store.bucket }}/{{ .Values.store.prefix }}{{ if $q }}?{{ join "&
   valueFrom: {secretKeyRef: {name: {{ . }}, key: AWS_SECRET_ACCESS_KEY}}
 {{- end }}
 {{- end -}}
+
+{{/* A number as an integer: YAML numbers reach templates as floats (4194304 would otherwise
+render as 4.194304e+06). */}}
+{{- define "strata.int" -}}{{ printf "%d" (int64 .) }}{{- end -}}
