@@ -67,7 +67,12 @@ where
 fn members_of(items: Vec<DynamicObject>, group: &str) -> Vec<(String, String)> {
     items
         .into_iter()
-        .filter(|v| v.data.pointer("/status/volumeGroupSnapshotName").and_then(Value::as_str) == Some(group))
+        .filter(|v| {
+            v.data
+                .pointer("/status/volumeGroupSnapshotName")
+                .and_then(Value::as_str)
+                == Some(group)
+        })
         .map(|v| {
             let pvc = v
                 .data

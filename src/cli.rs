@@ -47,6 +47,11 @@ pub enum Command {
     Fsr(crate::admin::FsrCommand),
     /// Measure snapshot, incremental and restore throughput beside raw store, disk and restic baselines.
     Bench(crate::bench::BenchArgs),
+    /// Measure the controller's memory and ListSnapshots time as the store grows (10,000 snapshots).
+    BenchController(crate::bench_controller::BenchControllerArgs),
+    /// Wait until every DaemonSet and Deployment matching a selector has rolled out (the chart's
+    /// post-install and post-upgrade hook; `helm install` returns when the driver serves).
+    WaitReady(crate::kube::rollout::WaitReadyArgs),
     /// Serve one lazily restored volume while it hydrates (started by the node agent).
     #[command(hide = true)]
     Hydrate(crate::hydrate::serve::HydrateArgs),

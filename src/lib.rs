@@ -39,6 +39,7 @@ pub mod admin;
 pub mod admin_volume;
 pub mod agent;
 pub mod bench;
+pub mod bench_controller;
 pub mod cli;
 pub mod client;
 pub mod config;

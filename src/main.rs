@@ -19,6 +19,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Verify(args) => strata::admin::verify(args).await?,
         Command::Gc(args) => strata::admin::gc(args).await?,
         Command::Bench(args) => strata::bench::run(args).await?,
+        Command::BenchController(args) => strata::bench_controller::run(args).await?,
+        Command::WaitReady(args) => strata::kube::rollout::run(args).await?,
         Command::Fsr(cmd) => strata::admin::fsr(cmd).await?,
         Command::Volume(cmd) => strata::admin_volume::volume(cmd)?,
         Command::Hydrate(args) => strata::hydrate::serve::run(args).await?,

@@ -103,6 +103,7 @@ struct Rendered {
     storage_classes: Vec<StorageClass>,
     secrets: Vec<Secret>,
     hydrator_template: Option<k8s_openapi::api::core::v1::Pod>,
+    jobs: Vec<k8s_openapi::api::batch::v1::Job>,
     others: Vec<Value>,
 }
 
@@ -116,6 +117,7 @@ fn check(docs: &[Value]) -> Rendered {
         storage_classes: vec![],
         secrets: vec![],
         hydrator_template: None,
+        jobs: vec![],
         others: vec![],
     };
     for d in docs {
@@ -129,6 +131,7 @@ fn check(docs: &[Value]) -> Rendered {
             "ServiceAccount" => drop(typed::<ServiceAccount>(d)),
             "Service" => drop(typed::<Service>(d)),
             "Secret" => r.secrets.push(typed(d)),
+            "Job" => r.jobs.push(typed(d)),
             "CSIDriver" => r.drivers.push(typed(d)),
             "StorageClass" => r.storage_classes.push(typed(d)),
             "ConfigMap" => {
@@ -189,6 +192,11 @@ fn check(docs: &[Value]) -> Rendered {
             r.daemonsets
                 .iter()
                 .map(|d| d.spec.clone().unwrap().template.spec.unwrap()),
+        )
+        .chain(
+            r.jobs
+                .iter()
+                .map(|j| j.spec.clone().unwrap().template.spec.unwrap()),
         );
     for p in pods {
         for c in p.containers.iter().chain(p.init_containers.iter().flatten()) {
@@ -725,4 +733,81 @@ fn hydrators_run_in_pods_of_their_own() {
         && rule.verbs.iter().any(|v| v == "create")));
     let off = check(&render(&["store.bucket=bkt", "node.hydratorPods=false"]));
     assert!(off.hydrator_template.is_none());
+}
+
+#[test]
+fn install_returns_only_when_every_driver_pod_serves() {
+    use clap::Parser;
+    let r = check(&render(&[
+        "store.bucket=bkt",
+        "node.additionalDaemonSets.b.kubeletDir=/var/lib/kubelet-b",
+    ]));
+    assert_eq!(r.jobs.len(), 1, "one wait hook");
+    let job = &r.jobs[0];
+    let ann = job.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        ann.get("helm.sh/hook").map(String::as_str),
+        Some("post-install,post-upgrade")
+    );
+    assert!(ann["helm.sh/hook-delete-policy"].contains("before-hook-creation"));
+    let spec = job.spec.clone().unwrap();
+    assert_eq!(spec.backoff_limit, Some(0));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    let args = pod.containers[0].args.clone().unwrap();
+    // The arguments are ones the binary accepts.
+    let cli = strata::cli::Cli::try_parse_from(std::iter::once("strata".to_owned()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("the hook's arguments {args:?}: {e}"));
+    let strata::cli::Command::WaitReady(w) = cli.command else {
+        panic!("the hook does not run wait-ready: {args:?}")
+    };
+    assert!(spec.active_deadline_seconds.unwrap() > w.timeout_seconds as i64);
+    // The selector matches the controller and every node DaemonSet, and nothing else.
+    // "in (controller,node)" contains a comma: rebuild the terms.
+    let sel_text = w.selector.clone();
+    let (eq, set) = sel_text
+        .split_once(",app.kubernetes.io/component in ")
+        .expect("a component set");
+    let sel: Vec<String> = eq
+        .split(',')
+        .map(str::to_owned)
+        .chain(std::iter::once(format!("app.kubernetes.io/component in {set}")))
+        .collect();
+    let sel: Vec<&str> = sel.iter().map(String::as_str).collect();
+    let matches = |labels: &std::collections::BTreeMap<String, String>| {
+        sel.iter().all(|term| match term.split_once(" in ") {
+            Some((k, set)) => {
+                let set = set.trim_matches(|c| c == '(' || c == ')');
+                labels.get(k).is_some_and(|v| set.split(',').any(|x| x == v))
+            }
+            None => {
+                let (k, v) = term.split_once('=').unwrap();
+                labels.get(k).map(String::as_str) == Some(v)
+            }
+        })
+    };
+    assert_eq!(r.daemonsets.len(), 2);
+    for ds in &r.daemonsets {
+        assert!(
+            matches(ds.metadata.labels.as_ref().unwrap()),
+            "{:?} not waited for",
+            ds.metadata.name
+        );
+    }
+    assert!(matches(r.deployments[0].metadata.labels.as_ref().unwrap()));
+    assert!(
+        !matches(job.metadata.labels.as_ref().unwrap()),
+        "the hook must not wait for itself"
+    );
+    // It may read what it waits for, nothing more.
+    let role = r
+        .roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("strata-wait"))
+        .expect("a Role for the hook");
+    for rule in role.rules.iter().flatten() {
+        assert!(rule.verbs.iter().all(|v| v == "get" || v == "list"), "{rule:?}");
+    }
+    let off = check(&render(&["store.bucket=bkt", "waitForRollout.enabled=false"]));
+    assert!(off.jobs.is_empty());
 }

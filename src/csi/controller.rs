@@ -49,8 +49,8 @@ pub struct ControllerService {
     pub metrics: Arc<Metrics>,
     /// Where snapshots live; snapshot RPCs answer FAILED_PRECONDITION without one.
     pub store: Option<crate::store::Store>,
-    /// Committed manifests read so far (they never change).
-    pub manifests: std::sync::Mutex<HashMap<String, crate::proto::store::Manifest>>,
+    /// Summaries of committed snapshots read so far (manifests without their chunk lists).
+    pub manifests: super::summaries::Summaries,
     /// Wakes the garbage collector after a delete.
     pub gc_kick: Arc<tokio::sync::Notify>,
 }

@@ -59,21 +59,15 @@ impl ControllerService {
             .ok_or_else(|| Status::failed_precondition("no snapshot store is configured (--store)"))
     }
 
-    /// A committed manifest, cached (manifests are immutable).
+    /// A committed snapshot's manifest without its chunk list (see [`super::summaries`]).
     pub(super) async fn manifest(&self, snapshot_id: &str) -> Result<Option<Manifest>, Status> {
-        if let Some(m) = self.manifests.lock().expect("manifest cache").get(snapshot_id) {
-            return Ok(Some(m.clone()));
+        if let Some(m) = self.manifests.get(snapshot_id) {
+            return Ok(Some(m));
         }
         let m = manifest::read_manifest(self.store()?, snapshot_id)
             .await
             .map_err(manifest_status)?;
-        if let Some(m) = &m {
-            self.manifests
-                .lock()
-                .expect("manifest cache")
-                .insert(snapshot_id.to_owned(), m.clone());
-        }
-        Ok(m)
+        Ok(m.map(|m| self.manifests.insert(m)))
     }
 
     /// Uploads in progress on all reachable agents.
@@ -231,7 +225,7 @@ impl ControllerService {
                     .map_err(|e| Status::unavailable(e.to_string()))?;
             }
         }
-        self.manifests.lock().expect("manifest cache").remove(&id);
+        self.manifests.remove(&id);
         self.gc_kick.notify_one();
         tracing::info!(snapshot.id = %id, "snapshot deleted");
         Ok(pb::DeleteSnapshotResponse {})

@@ -9,6 +9,7 @@ pub mod node;
 pub mod op_guard;
 pub mod paging;
 pub mod status;
+pub mod summaries;
 pub mod validate;
 
 /// The CSI driver name.

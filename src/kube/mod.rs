@@ -1,5 +1,7 @@
 //! What the driver asks of the Kubernetes API: a node's zone label, and where the node agents are.
 
+pub mod rollout;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
