@@ -2,7 +2,7 @@
 //! Precedence: flag > environment > file > built-in default.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Args;
@@ -22,6 +22,9 @@ pub enum ConfigError {
     /// A value is missing or malformed.
     #[error("{0}")]
     Invalid(String),
+    /// The agent API's TLS files or flags.
+    #[error(transparent)]
+    Tls(#[from] crate::agent::tls::TlsError),
 }
 
 /// `strata controller` settings.
@@ -53,6 +56,22 @@ pub struct ControllerArgs {
     /// File holding the shared agent token.
     #[arg(long, env = "STRATA_AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that verifies the agents' certificates.
+    #[arg(long, env = "STRATA_AGENT_TLS_CA")]
+    pub agent_tls_ca: Option<PathBuf>,
+    /// Certificate (PEM) presented to agents that require client certificates.
+    #[arg(long, env = "STRATA_AGENT_TLS_CERT")]
+    pub agent_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--agent-tls-cert`.
+    #[arg(long, env = "STRATA_AGENT_TLS_KEY")]
+    pub agent_tls_key: Option<PathBuf>,
+    /// DNS name verified in the agents' certificates instead of their (changing) pod addresses
+    /// (default `strata-agent`).
+    #[arg(long, env = "STRATA_AGENT_TLS_SERVER_NAME")]
+    pub agent_tls_server_name: Option<String>,
+    /// Call agents in plaintext, without TLS (loopback test beds only).
+    #[arg(long, env = "STRATA_AGENT_INSECURE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub agent_insecure: Option<bool>,
     /// Address for `/metrics` and `/healthz`; none by default.
     #[arg(long, env = "STRATA_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -91,12 +110,29 @@ pub struct NodeArgs {
     /// Storage directory for backing files and records.
     #[arg(long, env = "STRATA_STORAGE_DIR")]
     pub storage_dir: Option<PathBuf>,
-    /// Address the agent API listens on.
+    /// Address the agent API listens on (default: this pod's address, `--pod-ip`, port 7001).
     #[arg(long, env = "STRATA_AGENT_LISTEN")]
     pub agent_listen: Option<SocketAddr>,
+    /// This pod's IP address (the downward API's `status.podIP`): the agent listens there when
+    /// `--agent-listen` is unset.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
     /// File holding the shared agent token.
     #[arg(long, env = "STRATA_AGENT_TOKEN_FILE")]
     pub agent_token_file: Option<PathBuf>,
+    /// Certificate (PEM) the agent API serves.
+    #[arg(long, env = "STRATA_AGENT_TLS_CERT")]
+    pub agent_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--agent-tls-cert`.
+    #[arg(long, env = "STRATA_AGENT_TLS_KEY")]
+    pub agent_tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) of the controller's client certificate: when given, callers must
+    /// present a certificate it signed (mutual TLS).
+    #[arg(long, env = "STRATA_AGENT_TLS_CA")]
+    pub agent_tls_ca: Option<PathBuf>,
+    /// Serve the agent API in plaintext, without TLS (loopback test beds only).
+    #[arg(long, env = "STRATA_AGENT_INSECURE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub agent_insecure: Option<bool>,
     /// Most volumes this node holds.
     #[arg(long, env = "STRATA_MAX_VOLUMES")]
     pub max_volumes: Option<u32>,
@@ -208,6 +244,25 @@ pub fn agent_token(file: &Option<PathBuf>) -> Result<crate::agent::auth::Token, 
     crate::agent::auth::Token::new(&raw).map_err(ConfigError::Invalid)
 }
 
+/// Port of the agent API when `--agent-listen` is unset.
+pub const DEFAULT_AGENT_PORT: u16 = 7001;
+
+/// The agent's listen address: `--agent-listen`, else this pod's IP with port 7001. Never every
+/// address by default: the agent API belongs on the pod network only, and outside a pod there is
+/// no address that is right for every machine (loopback would leave a multi-machine setup
+/// silently unreachable), so one must be given.
+pub fn agent_listen(listen: Option<SocketAddr>, pod_ip: Option<IpAddr>) -> Result<SocketAddr, ConfigError> {
+    match (listen, pod_ip) {
+        (Some(addr), _) => Ok(addr),
+        (None, Some(ip)) => Ok(SocketAddr::new(ip, DEFAULT_AGENT_PORT)),
+        (None, None) => Err(ConfigError::Invalid(
+            "--agent-listen (or STRATA_AGENT_LISTEN) is required when POD_IP is unset: the agent \
+             listens on its pod's address by default, never on all addresses"
+                .into(),
+        )),
+    }
+}
+
 macro_rules! merge_fields {
     ($cli:expr, $file:expr, $($f:ident),*) => {{
         let (mut c, f) = ($cli, $file);
@@ -230,6 +285,11 @@ impl ControllerArgs {
             agent_selector,
             agent_port,
             agent_token_file,
+            agent_tls_ca,
+            agent_tls_cert,
+            agent_tls_key,
+            agent_tls_server_name,
+            agent_insecure,
             metrics_addr,
             store,
             gc_grace_seconds,
@@ -251,7 +311,12 @@ impl NodeArgs {
             zone,
             storage_dir,
             agent_listen,
+            pod_ip,
             agent_token_file,
+            agent_tls_cert,
+            agent_tls_key,
+            agent_tls_ca,
+            agent_insecure,
             max_volumes,
             metrics_addr,
             store,
@@ -307,6 +372,22 @@ mod tests {
             .contains("minimum of 10 s"));
         assert_eq!(gc_grace(Some(10)).unwrap().as_secs(), 10);
         assert_eq!(gc_grace(None).unwrap().as_secs(), 3600);
+        assert!(agent_listen(None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--agent-listen"));
+        assert_eq!(
+            agent_listen(None, Some("10.1.2.3".parse().unwrap())).unwrap(),
+            "10.1.2.3:7001".parse().unwrap()
+        );
+        assert_eq!(
+            agent_listen(
+                Some("127.0.0.1:9".parse().unwrap()),
+                Some("10.1.2.3".parse().unwrap())
+            )
+            .unwrap(),
+            "127.0.0.1:9".parse().unwrap()
+        );
         assert_eq!(
             socket_path("unix:///csi/csi.sock").unwrap(),
             PathBuf::from("/csi/csi.sock")

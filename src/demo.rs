@@ -147,6 +147,8 @@ impl Demo {
             "--zone=demo-zone".into(),
             format!("--storage-dir={}", dir.join("storage").display()),
             format!("--agent-listen=127.0.0.1:{port}"),
+            // Loopback on one machine: nothing to encrypt against, and no certificates to make.
+            "--agent-insecure".into(),
             format!("--agent-token-file={}", token_file.display()),
             store_arg.clone(),
         ])?);
@@ -154,6 +156,7 @@ impl Demo {
             "controller".into(),
             format!("--csi-endpoint={}", csock.display()),
             format!("--agents=demo-node=127.0.0.1:{port}"),
+            "--agent-insecure".into(),
             format!("--agent-token-file={}", token_file.display()),
             store_arg,
             "--gc-grace-seconds=10".into(),

@@ -9,6 +9,7 @@ use tonic::transport::Server;
 
 use crate::agent::auth::CheckToken;
 use crate::agent::server::AgentService;
+use crate::agent::tls::Transport;
 use crate::config::{self, ConfigError, ControllerArgs, NodeArgs};
 use crate::controller::directory::{Directory, Discovery};
 use crate::csi::controller::ControllerService;
@@ -119,6 +120,18 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
             .unwrap_or("/run/strata/controller.sock"),
     )?;
     let token = config::agent_token(&args.agent_token_file)?;
+    let transport = crate::agent::tls::client_transport(
+        args.agent_tls_cert.as_deref(),
+        args.agent_tls_key.as_deref(),
+        args.agent_tls_ca.as_deref(),
+        args.agent_tls_server_name.as_deref(),
+        args.agent_insecure.unwrap_or(false),
+    )
+    .map_err(ConfigError::from)?;
+    match &transport {
+        Transport::Tls(tls) => tracing::info!(?tls, "calling agents over TLS"),
+        Transport::Insecure => tracing::warn!("calling agents in plaintext (--agent-insecure)"),
+    }
     let discovery = match args.agent_discovery.as_deref().unwrap_or("static") {
         "static" => Discovery::Static(config::parse_agents(args.agents.as_deref().unwrap_or(""))?),
         "kube" => Discovery::Kube {
@@ -167,7 +180,7 @@ pub async fn run_controller(args: ControllerArgs, cancel: CancellationToken) -> 
         });
     }
     let controller = ControllerService {
-        directory: Arc::new(Directory::new(discovery, token)),
+        directory: Arc::new(Directory::new(discovery, token, transport)),
         guard: OpGuard::default(),
         metrics,
         store,
@@ -200,6 +213,15 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         .ok_or_else(|| ConfigError::Invalid("--node-name (or NODE_NAME) is required".into()))?;
     crate::ids::check_name("node name", &node_name).map_err(ConfigError::Invalid)?;
     let token = config::agent_token(&args.agent_token_file)?;
+    // Checked before anything starts: a TLS file that is missing or wrong stops the node here.
+    let agent_addr = config::agent_listen(args.agent_listen, args.pod_ip)?;
+    let transport = crate::agent::tls::server_transport(
+        args.agent_tls_cert.as_deref(),
+        args.agent_tls_key.as_deref(),
+        args.agent_tls_ca.as_deref(),
+        args.agent_insecure.unwrap_or(false),
+    )
+    .map_err(ConfigError::from)?;
     let zone = match args.zone.clone() {
         Some(z) => z,
         // In a cluster (or with a kubeconfig), the Node object's zone label is the source.
@@ -225,9 +247,6 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
     let metrics = Arc::new(Metrics::default());
     spawn_metrics(args.metrics_addr, metrics.clone(), &cancel).await?;
 
-    let agent_addr = args
-        .agent_listen
-        .unwrap_or_else(|| "0.0.0.0:7001".parse().expect("valid address"));
     let store = open_store(args.store.as_deref(), &metrics).await?;
     let concurrency = args.transfer_concurrency.unwrap_or(8).max(1);
     let mut hydrators = crate::hydrate::supervise::Hydrators::new(
@@ -295,8 +314,23 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
             source,
         })?;
     let agent_cancel = cancel.clone();
+    let mut agent_server = Server::builder();
+    let agent_tls = match &transport {
+        Transport::Tls(tls) => {
+            agent_server = agent_server.tls_config(tls.config())?;
+            if tls.mutual() {
+                "mutual TLS"
+            } else {
+                "TLS"
+            }
+        }
+        Transport::Insecure => {
+            tracing::warn!(agent = %agent_addr, "agent API in plaintext (--agent-insecure)");
+            "plaintext"
+        }
+    };
     let agent_task = tokio::spawn(
-        Server::builder()
+        agent_server
             .add_service(AgentServer::with_interceptor(agent, CheckToken(token)))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(agent_listener),
@@ -317,7 +351,7 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         metrics,
     };
     let incoming = bind_unix(&socket)?;
-    tracing::info!(node = %node_name, zone = %zone, socket = %socket.display(), agent = %agent_addr, storage = %storage.display(), "node serving");
+    tracing::info!(node = %node_name, zone = %zone, socket = %socket.display(), agent = %agent_addr, agent_tls, storage = %storage.display(), "node serving");
     let csi = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))

@@ -450,7 +450,8 @@ fn plain_manifests_are_the_rendered_chart() {
     let docs = parse_docs(&committed);
     assert_eq!(docs[0]["kind"], "Namespace");
     let r = check(&docs[1..]);
-    // The plain manifests generate no secret: the agent token and store credentials are the user's.
+    // The plain manifests generate no secret: the agent token, TLS files and store credentials are
+    // the user's.
     assert!(
         r.secrets.is_empty(),
         "plain manifests must not carry a generated token"
@@ -810,4 +811,180 @@ fn install_returns_only_when_every_driver_pod_serves() {
     }
     let off = check(&render(&["store.bucket=bkt", "waitForRollout.enabled=false"]));
     assert!(off.jobs.is_empty());
+}
+
+/// The pod specs of the controller and of every node DaemonSet.
+fn strata_pods(r: &Rendered) -> Vec<(String, k8s_openapi::api::core::v1::PodSpec)> {
+    let mut pods: Vec<_> = r
+        .daemonsets
+        .iter()
+        .map(|d| {
+            let spec = d.spec.clone().unwrap().template.spec.unwrap();
+            (d.metadata.name.clone().unwrap(), spec)
+        })
+        .collect();
+    for d in &r.deployments {
+        pods.push((
+            d.metadata.name.clone().unwrap(),
+            d.spec.clone().unwrap().template.spec.unwrap(),
+        ));
+    }
+    pods
+}
+
+/// The secret a pod mounts at /etc/strata/agent-tls, if any.
+fn tls_secret_of(pod: &k8s_openapi::api::core::v1::PodSpec) -> Option<String> {
+    let strata = container(&pod.containers, "strata");
+    let mount = strata
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/etc/strata/agent-tls")?;
+    assert_eq!(mount.read_only, Some(true), "TLS files mounted writable");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("mounted volume exists");
+    volume.secret.as_ref().unwrap().secret_name.clone()
+}
+
+#[test]
+fn agent_api_is_mutual_tls_with_certificates_the_chart_makes() {
+    let r = check(&render(&[
+        "store.bucket=bkt",
+        "node.additionalDaemonSets.k3s.kubeletDir=/var/lib/rancher/k3s/agent/kubelet",
+    ]));
+    let secret = r
+        .secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("strata-agent-tls"))
+        .expect("the chart makes the agent TLS secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(
+        secret.metadata.annotations.as_ref().unwrap()["helm.sh/resource-policy"],
+        "keep",
+        "an upgrade must never drop the certificates both sides hold"
+    );
+    let data = secret.data.clone().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(dir.path().join(key), &data[key].0).unwrap();
+    }
+    let (ca, cert, key) = (
+        dir.path().join("ca.crt"),
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+    );
+
+    // The binary accepts them on both sides.
+    let server = strata::agent::tls::ServerTls::load(&cert, &key, Some(&ca)).unwrap();
+    assert!(server.mutual());
+    strata::agent::tls::ClientTls::load(&ca, Some(&cert), Some(&key), Some("strata-agent")).unwrap();
+
+    // And the one certificate verifies against the CA both as the agents' server certificate for
+    // the fixed name and as the controller's client certificate (its extended key usages).
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(&ca).unwrap()).unwrap();
+    let roots = std::sync::Arc::new(roots);
+    let leaf = CertificateDer::from_pem_file(&cert).unwrap();
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .unwrap()
+        .verify_server_cert(
+            &leaf,
+            &[],
+            &ServerName::try_from("strata-agent").unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .expect("server certificate for strata-agent");
+    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .build()
+        .unwrap()
+        .verify_client_cert(&leaf, &[], UnixTime::now())
+        .expect("client certificate");
+
+    // Every node DaemonSet and the controller mount it read-only and are told where it is.
+    let pods = strata_pods(&r);
+    assert_eq!(pods.len(), 3, "two node DaemonSets and the controller");
+    for (name, pod) in &pods {
+        assert_eq!(tls_secret_of(pod).as_deref(), Some("strata-agent-tls"), "{name}");
+        let strata = container(&pod.containers, "strata");
+        for (var, file) in [
+            ("STRATA_AGENT_TLS_CERT", "tls.crt"),
+            ("STRATA_AGENT_TLS_KEY", "tls.key"),
+            ("STRATA_AGENT_TLS_CA", "ca.crt"),
+        ] {
+            assert_eq!(
+                env(strata, var),
+                Some(format!("/etc/strata/agent-tls/{file}")),
+                "{name}: {var}"
+            );
+        }
+        assert!(env(strata, "STRATA_AGENT_INSECURE").is_none(), "{name}");
+    }
+    let ctl = r.deployments[0].spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(
+        env(
+            container(&ctl.containers, "strata"),
+            "STRATA_AGENT_TLS_SERVER_NAME"
+        )
+        .as_deref(),
+        Some("strata-agent")
+    );
+    // The agent listens on its pod's address, never on all of them.
+    for ds in &r.daemonsets {
+        let pod = ds.spec.clone().unwrap().template.spec.unwrap();
+        let strata = container(&pod.containers, "strata");
+        let listen = env(strata, "STRATA_AGENT_LISTEN").unwrap();
+        assert!(listen.starts_with("$(POD_IP):"), "{listen}");
+        let vars: Vec<&str> = strata.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        let at = |n: &str| vars.iter().position(|v| *v == n).unwrap();
+        assert!(
+            at("POD_IP") < at("STRATA_AGENT_LISTEN"),
+            "POD_IP must be defined first"
+        );
+    }
+
+    // Reuse across upgrades (`lookup` of the installed secret) needs a cluster: helm template
+    // cannot look anything up and renders fresh certificates every time.
+}
+
+#[test]
+fn agent_tls_existing_secret_is_used_and_tls_can_be_turned_off() {
+    let r = check(&render(&[
+        "store.bucket=bkt",
+        "agent.tls.existingSecret=agent-certs",
+    ]));
+    assert!(
+        r.secrets
+            .iter()
+            .all(|s| s.type_.as_deref() != Some("kubernetes.io/tls")),
+        "a TLS secret was made beside the user's"
+    );
+    for (name, pod) in strata_pods(&r) {
+        assert_eq!(tls_secret_of(&pod).as_deref(), Some("agent-certs"), "{name}");
+    }
+
+    let r = check(&render(&["store.bucket=bkt", "agent.tls.enabled=false"]));
+    assert!(r
+        .secrets
+        .iter()
+        .all(|s| s.type_.as_deref() != Some("kubernetes.io/tls")));
+    for (name, pod) in strata_pods(&r) {
+        assert!(tls_secret_of(&pod).is_none(), "{name}");
+        let strata = container(&pod.containers, "strata");
+        assert_eq!(
+            env(strata, "STRATA_AGENT_INSECURE").as_deref(),
+            Some("true"),
+            "{name}"
+        );
+        assert!(env(strata, "STRATA_AGENT_TLS_CERT").is_none(), "{name}");
+    }
 }

@@ -1,7 +1,8 @@
 //! The Kubernetes path without a cluster: a fake API server over real HTTP (reached through a
 //! kubeconfig) serves Node objects with zone labels and the node DaemonSet's pods. Nodes started
 //! without --zone must report the zone of their Node object; a controller with kube discovery must
-//! find the agents by node name and place volumes by zone.
+//! find the agents by node name and place volumes by zone, calling them over mutual TLS at their
+//! pod IPs.
 
 mod common;
 
@@ -101,7 +102,11 @@ async fn zone_from_node_label_and_agents_from_pods() {
         .local_addr()
         .unwrap()
         .port();
+    // Over mutual TLS as the chart runs it: agents dialled at their pod IPs, their one certificate
+    // naming strata-agent, not any address.
+    let certs = tempfile::tempdir().unwrap();
     let bed = TestBed::start_spec(BedSpec {
+        tls: Some(make_tls(certs.path())),
         nodes: vec![
             ("node-a".into(), None, "127.0.0.2".into(), Some(port)),
             ("node-b".into(), None, "127.0.0.3".into(), Some(port)),

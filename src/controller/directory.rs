@@ -14,6 +14,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::Error;
 use crate::agent::auth::{AddToken, Token};
+use crate::agent::tls::{ClientTls, Transport};
 use crate::proto::agent::agent_client::AgentClient;
 use crate::proto::agent::{GetNodeInfoRequest, GetVolumeRequest, NodeInfo, Volume};
 
@@ -44,6 +45,8 @@ pub struct Directory {
     discovery: Discovery,
     /// Sent with every call.
     token: Token,
+    /// TLS towards the agents, or plaintext when chosen explicitly.
+    transport: Transport<ClientTls>,
     /// One lazily connected channel per endpoint.
     channels: Mutex<HashMap<String, Channel>>,
     /// Last successful NodeInfo per node.
@@ -57,6 +60,21 @@ pub struct Directory {
 /// One node's answer in a fan-out.
 pub type NodeResult<T> = (String, Result<T, Error>);
 
+/// A transport failure's message with its causes: tonic says only "transport error", the reason
+/// (a refused connection, an agent certificate from another CA) is in the source chain.
+fn transport_message(status: &tonic::Status) -> String {
+    let mut message = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let cause = e.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+        source = e.source();
+    }
+    message
+}
+
 fn agent_error(node: &str, status: tonic::Status) -> Error {
     match status.code() {
         tonic::Code::Unavailable
@@ -64,7 +82,7 @@ fn agent_error(node: &str, status: tonic::Status) -> Error {
         | tonic::Code::Cancelled
         | tonic::Code::Unknown => Error::AgentUnavailable {
             node: node.to_owned(),
-            message: status.message().to_owned(),
+            message: transport_message(&status),
         },
         _ => Error::Agent {
             node: node.to_owned(),
@@ -74,11 +92,12 @@ fn agent_error(node: &str, status: tonic::Status) -> Error {
 }
 
 impl Directory {
-    /// A directory using `discovery`, authenticating with `token`.
-    pub fn new(discovery: Discovery, token: Token) -> Self {
+    /// A directory using `discovery`, authenticating with `token`, over `transport`.
+    pub fn new(discovery: Discovery, token: Token, transport: Transport<ClientTls>) -> Self {
         Self {
             discovery,
             token,
+            transport,
             channels: Mutex::default(),
             last_info: Mutex::default(),
             locations: Mutex::default(),
@@ -119,10 +138,19 @@ impl Directory {
         let channel = match channels.get(endpoint) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(format!("http://{endpoint}"))
-                    .map_err(|e| Error::Discovery {
-                        message: format!("bad agent endpoint {endpoint}: {e}"),
-                    })?
+                let bad = |e: tonic::transport::Error| Error::Discovery {
+                    message: format!("bad agent endpoint {endpoint}: {e}"),
+                };
+                let ep = match &self.transport {
+                    // The certificate is checked against the configured name, not this address.
+                    Transport::Tls(tls) => Endpoint::from_shared(format!("https://{endpoint}"))
+                        .and_then(|ep| ep.tls_config(tls.config()))
+                        .map_err(bad)?,
+                    Transport::Insecure => {
+                        Endpoint::from_shared(format!("http://{endpoint}")).map_err(bad)?
+                    }
+                };
+                let c = ep
                     .connect_timeout(Duration::from_secs(3))
                     .timeout(Duration::from_secs(50))
                     .connect_lazy();

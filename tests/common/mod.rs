@@ -67,6 +67,8 @@ pub struct TestBed {
     env: Vec<(String, String)>,
     /// The snapshot store every process uses.
     pub store_url: String,
+    /// TLS files of the agent API, when it is not plaintext.
+    pub tls: Option<BedTls>,
 }
 
 /// Which snapshot store a bed uses.
@@ -101,6 +103,37 @@ pub struct BedSpec {
     pub per_node_args: Vec<Vec<String>>,
     /// Extra arguments for the controller.
     pub controller_extra: Vec<String>,
+    /// Agent API over TLS with these files; `None` runs it in plaintext (`--agent-insecure`).
+    pub tls: Option<BedTls>,
+}
+
+/// TLS files of a bed: one CA, one certificate with server and client usage for agents and
+/// controller alike (what the chart makes).
+#[derive(Debug, Clone)]
+pub struct BedTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl BedTls {
+    /// The same flags for nodes and controller: the controller presents the certificate as its
+    /// client certificate and verifies the agents with the CA, agents the other way round.
+    fn args(&self) -> Vec<String> {
+        vec![
+            format!("--agent-tls-cert={}", self.cert.display()),
+            format!("--agent-tls-key={}", self.key.display()),
+            format!("--agent-tls-ca={}", self.ca.display()),
+        ]
+    }
+}
+
+/// The agent flags of a bed process: its TLS files, or plaintext.
+fn transport_args(tls: &Option<BedTls>) -> Vec<String> {
+    match tls {
+        Some(t) => t.args(),
+        None => vec!["--agent-insecure".into()],
+    }
 }
 
 pub fn free_port() -> u16 {
@@ -176,6 +209,7 @@ impl TestBed {
             dir,
             env: spec.env.clone(),
             store_url,
+            tls: spec.tls.clone(),
         };
         for (name, zone, host, port) in spec.nodes {
             let n = NodeProc {
@@ -217,6 +251,7 @@ impl TestBed {
             .arg(format!("--csi-endpoint={}", bed.controller_socket.display()))
             .args(controller_args)
             .arg(format!("--agent-token-file={}", bed.token_file.display()))
+            .args(transport_args(&bed.tls))
             .arg(format!("--store={}", bed.store_url))
             // The minimum grace, and GC often enough that tests wait seconds past it, not minutes.
             .arg(format!(
@@ -258,6 +293,7 @@ impl TestBed {
             .arg(format!("--storage-dir={}", n.storage.display()))
             .arg(format!("--agent-listen={}:{}", n.agent_host, n.agent_port))
             .arg(format!("--agent-token-file={}", self.token_file.display()))
+            .args(transport_args(&self.tls))
             .arg(format!("--store={}", self.store_url))
             .arg(format!("--chunk-size={CHUNK}"))
             .args(extra)
@@ -629,4 +665,107 @@ pub async fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+fn openssl(args: &[&str], dir: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA in `dir` as `<name>.crt` and `<name>.key`, made as Helm's genCA makes one (RSA 2048,
+/// a CA certificate allowed to sign certificates).
+pub fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cnf = dir.join(format!("{name}-ca.cnf"));
+    std::fs::write(
+        &cnf,
+        format!(
+            "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = ext\n[dn]\nCN = {name}\n\
+             [ext]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign,digitalSignature\n\
+             subjectKeyIdentifier = hash\n"
+        ),
+    )
+    .unwrap();
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    let cnf = cnf.to_string_lossy().into_owned();
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &crt, "-days", "2",
+            "-config", &cnf,
+        ],
+        dir,
+    );
+    (dir.join(crt), dir.join(key))
+}
+
+/// A certificate signed by `ca` in `dir` as `<name>.crt` and `<name>.key`, made as Helm's
+/// genSignedCert makes one: RSA 2048 with a PKCS#1 key, server and client usage, `dns` as its
+/// only subject alternative name.
+pub fn make_cert(dir: &Path, name: &str, dns: &str, ca: &(PathBuf, PathBuf)) -> (PathBuf, PathBuf) {
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        format!(
+            "basicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage = serverAuth,clientAuth\nsubjectAltName = DNS:{dns}\n"
+        ),
+    )
+    .unwrap();
+    let (crt, key, csr) = (
+        format!("{name}.crt"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+    );
+    openssl(&["genrsa", "-traditional", "-out", &key, "2048"], dir);
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            &format!("/CN={dns}"),
+            "-out",
+            &csr,
+        ],
+        dir,
+    );
+    let (ca_crt, ca_key) = (ca.0.to_string_lossy(), ca.1.to_string_lossy());
+    let ext = ext.to_string_lossy().into_owned();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+        dir,
+    );
+    (dir.join(crt), dir.join(key))
+}
+
+/// The chart's arrangement in `dir`: one CA and one `strata-agent` certificate it signed, shared
+/// by the agents and the controller.
+pub fn make_tls(dir: &Path) -> BedTls {
+    let ca = make_ca(dir, "agent-ca");
+    let (cert, key) = make_cert(dir, "agent", strata::agent::tls::DEFAULT_SERVER_NAME, &ca);
+    BedTls { ca: ca.0, cert, key }
 }

@@ -41,6 +41,40 @@ s3://{{ .Values.store.bucket }}/{{ .Values.store.prefix }}{{ if $q }}?{{ join "&
 {{ .Values.agent.existingSecret | default (printf "%s-agent-token" (include "strata.fullname" .)) }}
 {{- end -}}
 
+{{- define "strata.agentTlsSecret" -}}
+{{ .Values.agent.tls.existingSecret | default (printf "%s-agent-tls" (include "strata.fullname" .)) }}
+{{- end -}}
+
+{{/* How the node plugin and the controller carry the agent API: TLS files, or plaintext. */}}
+{{- define "strata.agentTlsEnv" -}}
+{{- if .Values.agent.tls.enabled -}}
+- name: STRATA_AGENT_TLS_CERT
+  value: /etc/strata/agent-tls/tls.crt
+- name: STRATA_AGENT_TLS_KEY
+  value: /etc/strata/agent-tls/tls.key
+- name: STRATA_AGENT_TLS_CA
+  value: /etc/strata/agent-tls/ca.crt
+{{- else -}}
+- name: STRATA_AGENT_INSECURE
+  value: "true"
+{{- end -}}
+{{- end -}}
+
+{{- define "strata.agentTlsMount" -}}
+{{- if .Values.agent.tls.enabled -}}
+- {name: agent-tls, mountPath: /etc/strata/agent-tls, readOnly: true}
+{{- end -}}
+{{- end -}}
+
+{{- define "strata.agentTlsVolume" -}}
+{{- if .Values.agent.tls.enabled -}}
+- name: agent-tls
+  secret:
+    secretName: {{ include "strata.agentTlsSecret" . }}
+    items: [{key: ca.crt, path: ca.crt}, {key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}]
+{{- end -}}
+{{- end -}}
+
 {{/* Environment every Strata container gets. */}}
 {{- define "strata.commonEnv" -}}
 - name: STRATA_STORE

@@ -121,6 +121,7 @@ spec:
             - name: STRATA_HYDRATOR_POD_TEMPLATE
               value: /etc/strata/hydrator/pod.yaml
             {{- end }}
+            {{- include "strata.agentTlsEnv" $ | nindent 12 }}
             {{- include "strata.commonEnv" $ | nindent 12 }}
           ports:
             - {name: agent, containerPort: {{ include "strata.int" $cfg.agentPort }}}
@@ -146,6 +147,7 @@ spec:
             - {name: storage-dir, mountPath: {{ $storage }}, mountPropagation: Bidirectional}
             - {name: dev, mountPath: /dev}
             - {name: agent-token, mountPath: /etc/strata/agent, readOnly: true}
+            {{- include "strata.agentTlsMount" $ | nindent 12 }}
             {{- if $.Values.node.hydratorPods }}
             - {name: hydrator-template, mountPath: /etc/strata/hydrator, readOnly: true}
             {{- end }}
@@ -179,6 +181,7 @@ spec:
           secret:
             secretName: {{ include "strata.agentSecret" $ }}
             items: [{key: token, path: token}]
+        {{- include "strata.agentTlsVolume" $ | nindent 8 }}
         {{- if $.Values.node.hydratorPods }}
         - name: hydrator-template
           configMap: {name: {{ include "strata.fullname" $ }}-hydrator}
