@@ -42,12 +42,12 @@ s3://{{ .Values.store.bucket }}/{{ .Values.store.prefix }}{{ if $q }}?{{ join "&
 {{- end -}}
 
 {{- define "strata.agentTlsSecret" -}}
-{{ .Values.agent.tls.existingSecret | default (printf "%s-agent-tls" (include "strata.fullname" .)) }}
+{{ (dig "tls" "existingSecret" "" .Values.agent) | default (printf "%s-agent-tls" (include "strata.fullname" .)) }}
 {{- end -}}
 
 {{/* How the node plugin and the controller carry the agent API: TLS files, or plaintext. */}}
 {{- define "strata.agentTlsEnv" -}}
-{{- if .Values.agent.tls.enabled -}}
+{{- if (dig "tls" "enabled" true .Values.agent) -}}
 - name: STRATA_AGENT_TLS_CERT
   value: /etc/strata/agent-tls/tls.crt
 - name: STRATA_AGENT_TLS_KEY
@@ -61,13 +61,13 @@ s3://{{ .Values.store.bucket }}/{{ .Values.store.prefix }}{{ if $q }}?{{ join "&
 {{- end -}}
 
 {{- define "strata.agentTlsMount" -}}
-{{- if .Values.agent.tls.enabled -}}
+{{- if (dig "tls" "enabled" true .Values.agent) -}}
 - {name: agent-tls, mountPath: /etc/strata/agent-tls, readOnly: true}
 {{- end -}}
 {{- end -}}
 
 {{- define "strata.agentTlsVolume" -}}
-{{- if .Values.agent.tls.enabled -}}
+{{- if (dig "tls" "enabled" true .Values.agent) -}}
 - name: agent-tls
   secret:
     secretName: {{ include "strata.agentTlsSecret" . }}
