@@ -993,7 +993,11 @@ fn agent_tls_existing_secret_is_used_and_tls_can_be_turned_off() {
 fn upgrades_with_reuse_values_from_releases_without_the_newer_values() {
     // `helm upgrade --reuse-values` renders with the previous chart's defaults: values added since
     // (agent TLS, the wait hook) are absent, and the chart must render as with their defaults.
-    let old = check(&render(&["store.bucket=bkt", "agent.tls=null", "waitForRollout=null"]));
+    let old = check(&render(&[
+        "store.bucket=bkt",
+        "agent.tls=null",
+        "waitForRollout=null",
+    ]));
     let new = check(&render(&["store.bucket=bkt"]));
     assert_eq!(old.jobs.len(), new.jobs.len());
     assert_eq!(old.secrets.len(), new.secrets.len());
@@ -1002,7 +1006,11 @@ fn upgrades_with_reuse_values_from_releases_without_the_newer_values() {
             .into_iter()
             .map(|(_, p)| {
                 let c = container(&p.containers, "strata");
-                c.env.iter().flatten().map(|e| format!("{}={:?}", e.name, e.value)).collect()
+                c.env
+                    .iter()
+                    .flatten()
+                    .map(|e| format!("{}={:?}", e.name, e.value))
+                    .collect()
             })
             .collect()
     };
