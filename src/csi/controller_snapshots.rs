@@ -169,7 +169,8 @@ impl ControllerService {
             .map_err(|s| from_agent(&node, s))?
             .into_inner();
         if !status.error.is_empty() {
-            tracing::warn!(snapshot.id = %id, error = %status.error, "snapshot upload failed; retrying");
+            // A transient failure: the agent retries by itself (permanent ones are errors).
+            tracing::warn!(snapshot.id = %id, error = %status.error, "snapshot upload failed transiently; the agent retries");
         }
         tracing::info!(snapshot.id = %id, volume.id = %source, node = %node, ready = status.ready,
             done = status.chunks_done, total = status.chunks_total, "snapshot");
