@@ -282,15 +282,24 @@ use strata::proto::csi as pb;
 use strata::store::unreliable::FAULTS_ENV;
 use tonic::Code;
 
-/// A bed of one node whose store reads faults from `faults`.
-async fn faulty_bed(store: StoreKind, faults: &std::path::Path) -> TestBed {
+/// A bed of one node whose store reads faults from `faults`, serving metrics on `metrics_port`.
+async fn faulty_bed(store: StoreKind, faults: &std::path::Path, metrics_port: u16) -> TestBed {
     TestBed::start_spec(BedSpec {
         store,
         nodes: vec![("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None)],
         node_env: vec![(FAULTS_ENV.into(), faults.display().to_string())],
+        per_node_args: vec![vec![format!("--metrics-addr=127.0.0.1:{metrics_port}")]],
         ..Default::default()
     })
     .await
+}
+
+/// A counter of the node's metrics (0 when not exported yet).
+async fn counter(port: u16, name: &str) -> u64 {
+    let text = http_get(port, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn write_device(path: &std::path::Path, data: &[u8]) {
@@ -339,7 +348,8 @@ fn assert_final_failure(s: &tonic::Status, snap: &str) {
 #[tokio::test]
 async fn permanent_upload_failure_ends_the_snapshot_with_a_final_error() {
     let faults = tempfile::NamedTempFile::new().unwrap();
-    let mut bed = faulty_bed(StoreKind::Local, faults.path()).await;
+    let metrics = free_port();
+    let mut bed = faulty_bed(StoreKind::Local, faults.path(), metrics).await;
     let mut ctl = bed.controller().await;
     let (vol, _, target) =
         attached_block_volume(&bed, &mut ctl, 0, create_req("perm", 16 * MIB, block_cap())).await;
@@ -368,6 +378,11 @@ async fn permanent_upload_failure_ends_the_snapshot_with_a_final_error() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_final_failure(&err, &snap);
+    assert_eq!(
+        counter(metrics, r#"strata_snapshots_total{outcome="failed"}"#).await,
+        1
+    );
+    assert_eq!(counter(metrics, "strata_snapshot_upload_retries_total").await, 0);
     for _ in 0..3 {
         let again = retry_aborted!(ctl.create_snapshot(req.clone())).unwrap_err();
         assert_final_failure(&again, &snap);
@@ -421,7 +436,8 @@ async fn permanent_upload_failure_ends_the_snapshot_with_a_final_error() {
 #[tokio::test]
 async fn transient_failures_are_retried_by_the_agent_until_the_upload_commits() {
     let faults = tempfile::NamedTempFile::new().unwrap();
-    let bed = faulty_bed(StoreKind::S3, faults.path()).await;
+    let metrics = free_port();
+    let bed = faulty_bed(StoreKind::S3, faults.path(), metrics).await;
     let mut ctl = bed.controller().await;
     let (vol, _, target) =
         attached_block_volume(&bed, &mut ctl, 0, create_req("trans", 24 * MIB, block_cap())).await;
@@ -450,9 +466,8 @@ async fn transient_failures_are_retried_by_the_agent_until_the_upload_commits() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Still retrying, not given up: later attempts fail too while the burst lasts.
-    let retries = |bed: &TestBed| bed.logs().matches("failed transiently; retrying").count();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while retries(&bed) < 2 {
+    while counter(metrics, "strata_snapshot_upload_retries_total").await < 2 {
         assert!(Instant::now() < deadline, "the agent stopped retrying");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -482,6 +497,11 @@ async fn transient_failures_are_retried_by_the_agent_until_the_upload_commits() 
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert_eq!(
+        counter(metrics, r#"strata_snapshots_total{outcome="failed"}"#).await,
+        0,
+        "a transient failure was counted as final"
+    );
     let store = bed.store().await;
     let m = manifest::read_manifest(&store, &snap).await.unwrap().unwrap();
     assert_eq!(m.capture_unix_ms, {
