@@ -295,6 +295,13 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         metrics.clone(),
     );
     snapshots.resume();
+    {
+        let (s, c) = (snapshots.clone(), cancel.clone());
+        tokio::spawn(async move {
+            c.cancelled().await;
+            s.stop_uploads();
+        });
+    }
     tokio::spawn(snapshots.clone().fast_restore_loop(
         zone.clone(),
         std::time::Duration::from_millis(args.fsr_interval_ms.unwrap_or(5000)),

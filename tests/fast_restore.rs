@@ -188,3 +188,72 @@ async fn fast_restore_zone_gets_initialized_volumes_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn committed_snapshot_is_ready_when_its_fast_restore_zone_lost_its_node() {
+    let mut bed = TestBed::start_spec(BedSpec {
+        nodes: vec![
+            ("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None),
+            ("node-b".into(), Some("zone-b".into()), "127.0.0.1".into(), None),
+        ],
+        node_args: vec!["--fsr-interval-ms=200".into()],
+        controller_extra: vec!["--fsr-interval-ms=200".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut ctl = bed.controller().await;
+    let store = bed.store().await;
+    // node-b has published itself: zone-b has a live node when the snapshot is asked for.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fsr::zone_has_live_node(&store, "zone-b").await.unwrap() {
+        assert!(Instant::now() < deadline, "node-b never published its record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut r = create_req("src", 16 * MIB, block_cap());
+    r.accessibility_requirements = Some(pb::TopologyRequirement {
+        requisite: vec![topo(&[(ZONE_KEY, "zone-a")])],
+        preferred: vec![],
+    });
+    let (id, _, tg) = attached_block_volume(&bed, &mut ctl, 0, r).await;
+    let data = pattern(12 << 20, 3);
+    std::fs::write(&tg, &data).unwrap();
+    let with = |name: &str| pb::CreateSnapshotRequest {
+        source_volume_id: id.clone(),
+        name: name.into(),
+        parameters: [("fastRestoreZones".to_string(), "zone-b".to_string())].into(),
+        ..Default::default()
+    };
+    let first = retry_aborted!(ctl.create_snapshot(with("fsr-lost")))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let snap = first.snapshot_id.clone();
+    // zone-b's only node goes away for good, its record with it.
+    bed.kill_node(1);
+    store.delete("nodes/node-b").await.unwrap();
+    assert!(!fsr::zone_has_live_node(&store, "zone-b").await.unwrap());
+    // The snapshot was promised with zone-b: it becomes ready all the same, fast restore enabling.
+    let s = snapshot_with(&mut ctl, with("fsr-lost")).await;
+    assert_eq!(s.snapshot_id, snap);
+    assert_eq!(s.creation_time, first.creation_time);
+    wait_state(&store, &snap, "zone-b", Some(FsrState::Enabling)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_state(&store, &snap, "zone-b", Some(FsrState::Enabling)).await;
+    // A new snapshot asking for the zone is still refused, and so is the CLI.
+    assert_eq!(
+        code(ctl.create_snapshot(with("fsr-new")).await),
+        Code::InvalidArgument
+    );
+    let store_arg = format!("--store={}", bed.store_url);
+    let (ok, text) = cli(&["fsr", "enable", &snap, "--zone", "zone-b", &store_arg]);
+    assert!(!ok && text.contains("no node is in zone \"zone-b\""), "{text}");
+    // A node of the zone is back: it makes the image, and the state moves on.
+    bed.start_node(1, &["--fsr-interval-ms=200"]).await;
+    wait_state(&store, &snap, "zone-b", Some(FsrState::Enabled)).await;
+    assert!(bed.nodes[1]
+        .storage
+        .join("fsr")
+        .join(format!("{snap}.img"))
+        .exists());
+}

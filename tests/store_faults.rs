@@ -271,3 +271,261 @@ fn backdate(root: &std::path::Path, ago: Duration) {
         }
     }
 }
+
+// The agent's own handling of upload failures, on the multi-process test bed: faults are switched
+// in the agent's store through a rule file (see `strata::store::unreliable`).
+
+mod common;
+
+use common::*;
+use strata::proto::csi as pb;
+use strata::store::unreliable::FAULTS_ENV;
+use tonic::Code;
+
+/// A bed of one node whose store reads faults from `faults`, serving metrics on `metrics_port`.
+async fn faulty_bed(store: StoreKind, faults: &std::path::Path, metrics_port: u16) -> TestBed {
+    TestBed::start_spec(BedSpec {
+        store,
+        nodes: vec![("node-a".into(), Some("zone-a".into()), "127.0.0.1".into(), None)],
+        node_env: vec![(FAULTS_ENV.into(), faults.display().to_string())],
+        per_node_args: vec![vec![format!("--metrics-addr=127.0.0.1:{metrics_port}")]],
+        ..Default::default()
+    })
+    .await
+}
+
+/// A counter of the node's metrics (0 when not exported yet).
+async fn counter(port: u16, name: &str) -> u64 {
+    let text = http_get(port, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_device(path: &std::path::Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The agent's report of an upload not yet committed (what the controller sees).
+async fn agent_pending(bed: &TestBed, snapshot_id: &str) -> Option<strata::proto::agent::SnapshotStatus> {
+    use strata::proto::agent::agent_client::AgentClient;
+    let url = format!("http://127.0.0.1:{}", bed.nodes[0].agent_port);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut agent = AgentClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        Ok(req)
+    });
+    agent
+        .list_pending_snapshots(strata::proto::agent::ListPendingSnapshotsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .find(|s| s.snapshot_id == snapshot_id)
+}
+
+fn assert_final_failure(s: &tonic::Status, snap: &str) {
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains(snap),
+        "the error does not name the snapshot: {s:?}"
+    );
+    assert!(
+        s.message().contains("injected permanent failure"),
+        "the error does not say why: {s:?}"
+    );
+}
+
+#[tokio::test]
+async fn permanent_upload_failure_ends_the_snapshot_with_a_final_error() {
+    let faults = tempfile::NamedTempFile::new().unwrap();
+    let metrics = free_port();
+    let mut bed = faulty_bed(StoreKind::Local, faults.path(), metrics).await;
+    let mut ctl = bed.controller().await;
+    let (vol, _, target) =
+        attached_block_volume(&bed, &mut ctl, 0, create_req("perm", 16 * MIB, block_cap())).await;
+    write_device(&target, &strata::demo::pattern(8 << 20, 5));
+    // The store refuses every chunk for good (as a missing bucket or denied access would).
+    std::fs::write(faults.path(), "permanent chunks/\n").unwrap();
+    let req = snapshot_req("perm-snap", &vol);
+    let first = retry_aborted!(ctl.create_snapshot(req.clone()))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let snap = first.snapshot_id.clone();
+    assert!(!first.ready_to_use, "committed despite a failing store");
+    // Repeated as the external-snapshotter does: the failure comes as a final error.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let err = loop {
+        match retry_aborted!(ctl.create_snapshot(req.clone())) {
+            Ok(r) => assert!(!r.into_inner().snapshot.unwrap().ready_to_use),
+            Err(s) => break s,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CreateSnapshot answers \"not ready\" forever after a permanent failure"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_final_failure(&err, &snap);
+    assert_eq!(
+        counter(metrics, r#"strata_snapshots_total{outcome="failed"}"#).await,
+        1
+    );
+    assert_eq!(counter(metrics, "strata_snapshot_upload_retries_total").await, 0);
+    for _ in 0..3 {
+        let again = retry_aborted!(ctl.create_snapshot(req.clone())).unwrap_err();
+        assert_final_failure(&again, &snap);
+        assert_eq!(again.message(), err.message(), "the answer changed");
+    }
+    // Recorded durably; the captured image is dropped.
+    let pending = bed.nodes[0].storage.join("snapshots").join(&snap);
+    assert!(pending.join("failed.rec").exists(), "the failure is not recorded");
+    assert!(
+        !pending.join("clone.img").exists(),
+        "the image of a failed snapshot is kept"
+    );
+    // The store heals and the agent restarts: the snapshot stays failed (its instant is gone; no
+    // upload resumes, no capture is redone under the same id).
+    std::fs::write(faults.path(), "").unwrap();
+    bed.kill_node(0);
+    bed.start_node(0, &[]).await;
+    let after = retry_aborted!(ctl.create_snapshot(req.clone())).unwrap_err();
+    assert_final_failure(&after, &snap);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let store = bed.store().await;
+    assert!(
+        strata::snapshot::manifest::read_manifest(&store, &snap)
+            .await
+            .unwrap()
+            .is_none(),
+        "a failed snapshot was committed after the restart"
+    );
+    assert_final_failure(
+        &retry_aborted!(ctl.create_snapshot(req.clone())).unwrap_err(),
+        &snap,
+    );
+    // Deleting it succeeds and removes the node's state; a new snapshot works.
+    retry_aborted!(ctl.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: snap.clone(),
+        ..Default::default()
+    }))
+    .unwrap();
+    assert!(!pending.exists(), "a deleted failed snapshot left its state");
+    assert!(
+        !store
+            .exists(&strata::snapshot::manifest::lease_key(&snap))
+            .await
+            .unwrap(),
+        "a deleted failed snapshot left its lease"
+    );
+    let s = snapshot(&mut ctl, "perm-snap-2", &vol).await;
+    assert!(s.ready_to_use);
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_by_the_agent_until_the_upload_commits() {
+    let faults = tempfile::NamedTempFile::new().unwrap();
+    let metrics = free_port();
+    let bed = faulty_bed(StoreKind::S3, faults.path(), metrics).await;
+    let mut ctl = bed.controller().await;
+    let (vol, _, target) =
+        attached_block_volume(&bed, &mut ctl, 0, create_req("trans", 24 * MIB, block_cap())).await;
+    let data = strata::demo::pattern(24 << 20, 9);
+    write_device(&target, &data);
+    // A burst longer than the store's own retries: the upload attempt fails.
+    std::fs::write(faults.path(), "transient chunks/\n").unwrap();
+    let first = retry_aborted!(ctl.create_snapshot(snapshot_req("trans-snap", &vol)))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!first.ready_to_use, "committed despite a failing store");
+    let snap = first.snapshot_id.clone();
+    // The agent reports the transient error with the progress while it retries.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = agent_pending(&bed, &snap)
+            .await
+            .expect("the snapshot is not pending");
+        if st.error.contains("injected transient failure") {
+            assert_eq!(st.chunks_total, 24, "{st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no transient failure reported: {st:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still retrying, not given up: later attempts fail too while the burst lasts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter(metrics, "strata_snapshot_upload_retries_total").await < 2 {
+        assert!(Instant::now() < deadline, "the agent stopped retrying");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::write(faults.path(), "").unwrap();
+    // No further CreateSnapshot: the agent finishes by itself; ListSnapshots shows it ready.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let listed = ctl
+            .list_snapshots(pb::ListSnapshotsRequest {
+                snapshot_id: snap.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        if listed
+            .first()
+            .and_then(|e| e.snapshot.as_ref())
+            .is_some_and(|s| s.ready_to_use)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the upload did not complete by itself after the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        counter(metrics, r#"strata_snapshots_total{outcome="failed"}"#).await,
+        0,
+        "a transient failure was counted as final"
+    );
+    let store = bed.store().await;
+    let m = manifest::read_manifest(&store, &snap).await.unwrap().unwrap();
+    assert_eq!(m.capture_unix_ms, {
+        let t = first.creation_time.unwrap();
+        t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+    });
+    let out = bed.dir.join("restored.img");
+    std::fs::File::create(&out)
+        .unwrap()
+        .set_len(m.size_bytes)
+        .unwrap();
+    restore::restore(
+        &store,
+        &m,
+        &out,
+        "t",
+        false,
+        &Progress::default(),
+        4,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let got = std::fs::read(&out).unwrap();
+    assert!(got[..data.len()] == data[..], "restored data differs");
+    assert!(got[data.len()..].iter().all(|&b| b == 0));
+}

@@ -45,6 +45,18 @@ pub fn from_manifest(m: &Manifest) -> pb::Snapshot {
     from_status(&crate::snapshot::node::NodeSnapshots::committed_status(m))
 }
 
+fn fsr_status(e: crate::snapshot::fsr::FsrError) -> Status {
+    use crate::snapshot::fsr::FsrError;
+    match e {
+        FsrError::Store(s) => Status::new(super::status::store_code(&s), s.to_string()),
+        FsrError::Manifest(m) => manifest_status(m),
+        FsrError::Record(_) => Status::data_loss(e.to_string()),
+        FsrError::InvalidZone(_) => invalid(format!("{PARAM_FSR_ZONES}: {e}")),
+        // Neither arises here: the snapshot is committed when enabled, and zones are not checked.
+        FsrError::NotReady(_) | FsrError::UnknownZone { .. } => Status::failed_precondition(e.to_string()),
+    }
+}
+
 fn manifest_status(e: ManifestError) -> Status {
     match e {
         ManifestError::Store(s) => Status::new(super::status::store_code(&s), s.to_string()),
@@ -96,7 +108,7 @@ impl ControllerService {
         }
         let source = validate::volume_id(&r.source_volume_id)?;
         let store = self.store()?.clone();
-        // Class parameter fastRestoreZones: checked before anything is captured.
+        // Class parameter fastRestoreZones.
         let fsr_zones: Vec<String> = r
             .parameters
             .get(PARAM_FSR_ZONES)
@@ -108,18 +120,8 @@ impl ControllerService {
                     .collect()
             })
             .unwrap_or_default();
-        if !fsr_zones.is_empty() {
-            let nodes = crate::snapshot::fsr::nodes(&store)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            for z in &fsr_zones {
-                if !nodes.iter().any(|n| n.live() && &n.zone == z) {
-                    return Err(invalid(format!(
-                        "{PARAM_FSR_ZONES}: no node is in zone {}",
-                        ids::echo(z)
-                    )));
-                }
-            }
+        for z in &fsr_zones {
+            ids::check_id("zone", z).map_err(|e| invalid(format!("{PARAM_FSR_ZONES}: {e}")))?;
         }
         let id = ids::snapshot_id_for_name(&r.name);
         let _ticket = self.guard.acquire(&id, "CreateSnapshot").await?;
@@ -136,12 +138,29 @@ impl ControllerService {
             });
         }
         // The same name may be uploading on another node, for another volume.
-        if let Some(p) = self.pending().await?.into_iter().find(|p| p.snapshot_id == id) {
+        let pending = self.pending().await?.into_iter().find(|p| p.snapshot_id == id);
+        if let Some(p) = &pending {
             if p.volume_id != source {
                 return Err(Status::already_exists(format!(
                     "snapshot name {:?} is taken by a snapshot of volume {}",
                     r.name, p.volume_id
                 )));
+            }
+        }
+        // The zones must have nodes when the snapshot is asked for, and only then: once captured,
+        // the snapshot is promised, and a zone whose nodes went away since must not keep it from
+        // becoming ready (its image is made when a node of the zone is back).
+        if pending.is_none() && !fsr_zones.is_empty() {
+            for z in &fsr_zones {
+                if !crate::snapshot::fsr::zone_has_live_node(&store, z)
+                    .await
+                    .map_err(fsr_status)?
+                {
+                    return Err(invalid(format!(
+                        "{PARAM_FSR_ZONES}: no node is in zone {}",
+                        ids::echo(z)
+                    )));
+                }
             }
         }
         let (node, _) = self
@@ -163,7 +182,8 @@ impl ControllerService {
             .map_err(|s| from_agent(&node, s))?
             .into_inner();
         if !status.error.is_empty() {
-            tracing::warn!(snapshot.id = %id, error = %status.error, "snapshot upload failed; retrying");
+            // A transient failure: the agent retries by itself (permanent ones are errors).
+            tracing::warn!(snapshot.id = %id, error = %status.error, "snapshot upload failed transiently; the agent retries");
         }
         tracing::info!(snapshot.id = %id, volume.id = %source, node = %node, ready = status.ready,
             done = status.chunks_done, total = status.chunks_total, "snapshot");
@@ -175,12 +195,17 @@ impl ControllerService {
         })
     }
 
-    /// Enables fast restore of a ready snapshot in the class's zones (idempotent).
+    /// Enables fast restore of a ready snapshot in the class's zones (idempotent). A zone with no
+    /// live node now is enabled all the same: it had one when the snapshot was asked for, and
+    /// the snapshot is ready whatever happens to that zone's nodes.
     async fn enable_fast_restore(&self, store: &Store, id: &str, zones: &[String]) -> Result<(), Status> {
+        use crate::snapshot::fsr;
         for z in zones {
-            crate::snapshot::fsr::enable(store, id, z)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let r = fsr::enable_unchecked(store, id, z).await.map_err(fsr_status)?;
+            if !fsr::zone_has_live_node(store, z).await.map_err(fsr_status)? {
+                tracing::warn!(snapshot.id = %id, zone = %z, state = %r.state,
+                    "fast restore enabled in a zone with no live node: its image is made when a node of the zone is back");
+            }
         }
         Ok(())
     }

@@ -77,7 +77,16 @@ impl From<SnapshotError> for Status {
                 RestoreError::Io { .. } => Code::Internal,
                 RestoreError::Cancelled => Code::Aborted,
             },
-            // In progress: the CO repeats the call.
+            // The external-snapshotter treats CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE,
+            // RESOURCE_EXHAUSTED and ABORTED as "maybe still in progress" (its
+            // `isCSIFinalError`), keeping the content's being-created annotation and retrying as
+            // if the snapshot could still come. Any other code is final: the message lands in the
+            // VolumeSnapshotContent's and the VolumeSnapshot's `status.error` (what `kubectl
+            // describe volumesnapshot` shows) with a SnapshotCreationFailed event. Of the final
+            // codes, FAILED_PRECONDITION says what is true: the snapshot is in a state (failed)
+            // from which this call cannot succeed until the caller acts (deletes it and takes
+            // another); INTERNAL would claim a broken invariant of the driver.
+            SnapshotError::Failed { .. } => Code::FailedPrecondition,
         };
         Status::new(code, e.to_string())
     }

@@ -198,14 +198,16 @@ pub async fn put_node(store: &Store, r: &NodeRecord) -> Result<(), FsrError> {
     Ok(())
 }
 
-/// Enables fast restore of a committed snapshot in a zone with live nodes. Idempotent.
+/// Enables fast restore of a committed snapshot in a zone with live nodes. Idempotent. Strict: a
+/// zone without a live node is refused ([`FsrError::UnknownZone`]), as a person typing a zone
+/// name wants to hear about a typo.
 pub async fn enable(store: &Store, snapshot_id: &str, zone: &str) -> Result<FsrRecord, FsrError> {
     crate::ids::check_id("zone", zone).map_err(FsrError::InvalidZone)?;
     if manifest::read_manifest(store, snapshot_id).await?.is_none() {
         return Err(FsrError::NotReady(snapshot_id.to_owned()));
     }
-    let live: Vec<NodeRecord> = nodes(store).await?.into_iter().filter(NodeRecord::live).collect();
-    if !live.iter().any(|n| n.zone == zone) {
+    if !zone_has_live_node(store, zone).await? {
+        let live: Vec<NodeRecord> = nodes(store).await?.into_iter().filter(NodeRecord::live).collect();
         let mut known: Vec<String> = live.iter().map(|n| n.zone.clone()).collect();
         known.sort();
         known.dedup();
@@ -214,6 +216,28 @@ pub async fn enable(store: &Store, snapshot_id: &str, zone: &str) -> Result<FsrR
             known: known.join(", "),
         });
     }
+    record_enabling(store, snapshot_id, zone).await
+}
+
+/// Enables fast restore of a committed snapshot in a zone whether or not a node of the zone is
+/// live now: the record stays `enabling` until one is, and its agent then hydrates the image.
+/// For a zone checked earlier (a snapshot class's zones, checked when the snapshot was taken),
+/// whose nodes may have gone since. Idempotent.
+pub async fn enable_unchecked(store: &Store, snapshot_id: &str, zone: &str) -> Result<FsrRecord, FsrError> {
+    crate::ids::check_id("zone", zone).map_err(FsrError::InvalidZone)?;
+    if manifest::read_manifest(store, snapshot_id).await?.is_none() {
+        return Err(FsrError::NotReady(snapshot_id.to_owned()));
+    }
+    record_enabling(store, snapshot_id, zone).await
+}
+
+/// Whether a live node is in `zone`.
+pub async fn zone_has_live_node(store: &Store, zone: &str) -> Result<bool, FsrError> {
+    Ok(nodes(store).await?.iter().any(|n| n.live() && n.zone == zone))
+}
+
+/// The zone's record, written as `enabling` unless it is enabled already (or on its way).
+async fn record_enabling(store: &Store, snapshot_id: &str, zone: &str) -> Result<FsrRecord, FsrError> {
     let key = fsr_key(zone, snapshot_id);
     match get_record::<FsrRecord>(store, &key, FSR_KIND).await? {
         Some(r) if r.state != FsrState::Disabling => Ok(r),

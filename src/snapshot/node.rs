@@ -7,9 +7,18 @@
 //! snapshots/<snap-id>/pending.rec    the UploadSpec (record envelope)
 //! snapshots/<snap-id>/clone.img      the captured point-in-time image
 //! snapshots/<snap-id>/progress.log   chunks already uploaded (index hash size)
+//! snapshots/<snap-id>/failed.rec     why the upload ended for good (FailureRecord)
 //! ```
 //!
-//! The directory is removed once the manifest is committed.
+//! The directory is removed once the manifest is committed, or when the snapshot is deleted.
+//!
+//! An upload that fails transiently (the store still failing after its own retries, a dropped
+//! connection) is restarted here, in the background, with a backoff from [`RETRY_FIRST`] doubling
+//! to [`RETRY_MAX`], until it commits or is cancelled. One that fails for good (see
+//! [`UploadError::is_permanent`]) ends the snapshot: `failed.rec` is written, the image is dropped,
+//! and every later CreateSnapshot of that id answers [`SnapshotError::Failed`], also after a
+//! restart. It is never captured again under the same id: a new capture would be another instant
+//! than the one the first CreateSnapshot answered with.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +37,25 @@ use crate::store::Store;
 use crate::volume::{record, Access, HydrateSeed, LineageRecord, VolumeManager};
 
 const PENDING_RECORD: &str = "pending-snapshot";
+const FAILED_RECORD: &str = "failed-snapshot";
+
+/// First wait before an upload that failed transiently is started again.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts of an upload.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Longest failure reason kept and reported: it ends up in a gRPC message (8 KiB of metadata at
+/// most) and in the VolumeSnapshot's status.
+const REASON_LEN: usize = 1024;
+
+/// Why an upload ended for good, kept beside the pending record so that a restarted agent reports
+/// the same failure instead of resuming (or capturing again under the same id).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+struct FailureRecord {
+    /// The error, as reported to the CO.
+    reason: String,
+    /// When the upload failed.
+    failed_unix_ms: i64,
+}
 
 /// Errors of node snapshot operations, mapped to gRPC codes in `csi::status`.
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +97,26 @@ pub enum SnapshotError {
     /// A restore failed for good (data missing or corrupt).
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// The snapshot's upload failed for good: it will never be ready.
+    #[error(
+        "snapshot {snapshot_id} failed and will not become ready: {reason}; delete it and take a new snapshot"
+    )]
+    Failed {
+        /// The snapshot.
+        snapshot_id: String,
+        /// Why its upload ended.
+        reason: String,
+    },
 }
 
 #[derive(Debug)]
 enum JobState {
-    Running,
+    /// Uploading, or waiting to start again after a transient failure.
+    Running {
+        /// The last transient failure, reported with the progress until the upload commits.
+        last_error: Option<String>,
+    },
+    /// Ended for good (see [`FailureRecord`]).
     Failed(String),
 }
 
@@ -168,8 +211,25 @@ impl NodeSnapshots {
                 let rec = e.path().join("pending.rec");
                 match record::read::<UploadSpec>(&rec, PENDING_RECORD) {
                     Ok(Some(spec)) => {
-                        tracing::info!(snapshot.id = %spec.snapshot_id, "resuming upload");
-                        self.start_upload(spec);
+                        match record::read::<FailureRecord>(&e.path().join("failed.rec"), FAILED_RECORD) {
+                            Ok(Some(f)) => {
+                                tracing::info!(snapshot.id = %spec.snapshot_id, reason = %f.reason, "snapshot failed before the restart; not resuming");
+                                self.insert_failed(spec, f.reason);
+                            }
+                            Ok(None) => {
+                                tracing::info!(snapshot.id = %spec.snapshot_id, "resuming upload");
+                                self.start_upload(spec);
+                            }
+                            Err(err) => {
+                                // Written only on a permanent failure: whatever it said, the upload
+                                // had ended for good, and the capture must not be redone.
+                                tracing::error!(snapshot.id = %spec.snapshot_id, error = %err, "unreadable failure record");
+                                self.insert_failed(
+                                    spec,
+                                    format!("the upload failed (record unreadable: {err})"),
+                                );
+                            }
+                        }
                     }
                     Ok(None) => {
                         // Capture never completed: nothing was promised to anyone yet.
@@ -195,7 +255,7 @@ impl NodeSnapshots {
             chunks_total: job.progress.total.load(Ordering::Relaxed),
             error: match &*job.state.lock().expect("job state") {
                 JobState::Failed(e) => e.clone(),
-                JobState::Running => String::new(),
+                JobState::Running { last_error } => last_error.clone().unwrap_or_default(),
             },
         }
     }
@@ -233,7 +293,8 @@ impl NodeSnapshots {
         Ok(statuses.remove(0))
     }
 
-    /// The status of a member already captured (in progress, failed and retried, or committed).
+    /// The status of a member already captured (in progress or committed); an error if its upload
+    /// failed for good.
     async fn existing(
         self: &Arc<Self>,
         store: &Store,
@@ -247,12 +308,13 @@ impl NodeSnapshots {
                     volume_id: job.spec.volume_id.clone(),
                 });
             }
-            let status = self.status_of(&job);
-            if matches!(*job.state.lock().expect("job state"), JobState::Failed(_)) {
-                tracing::info!(snapshot.id = %m.snapshot_id, "retrying failed upload");
-                self.start_upload(job.spec.clone());
+            if let JobState::Failed(reason) = &*job.state.lock().expect("job state") {
+                return Err(SnapshotError::Failed {
+                    snapshot_id: m.snapshot_id.clone(),
+                    reason: reason.clone(),
+                });
             }
-            return Ok(Some(status));
+            return Ok(Some(self.status_of(&job)));
         }
         if let Some(man) = read_manifest(store, &m.snapshot_id).await? {
             if man.volume_id != m.volume_id {
@@ -446,10 +508,17 @@ impl NodeSnapshots {
     }
 
     fn start_upload(self: &Arc<Self>, spec: UploadSpec) -> Arc<Job> {
+        let job = self.insert_job(spec, JobState::Running { last_error: None });
+        let (me, j) = (self.clone(), job.clone());
+        tokio::spawn(async move { me.run_upload(j).await });
+        job
+    }
+
+    fn insert_job(&self, spec: UploadSpec, state: JobState) -> Arc<Job> {
         let job = Arc::new(Job {
             spec,
             progress: Progress::default(),
-            state: Mutex::new(JobState::Running),
+            state: Mutex::new(state),
             cancel: CancellationToken::new(),
             done: tokio::sync::Notify::new(),
         });
@@ -457,27 +526,85 @@ impl NodeSnapshots {
             .lock()
             .expect("jobs")
             .insert(job.spec.snapshot_id.clone(), job.clone());
-        let (me, j) = (self.clone(), job.clone());
-        tokio::spawn(async move { me.run_upload(j).await });
         job
+    }
+
+    /// Registers a snapshot whose upload failed for good (reported, never run again).
+    fn insert_failed(&self, spec: UploadSpec, reason: String) {
+        self.insert_job(spec, JobState::Failed(reason));
+    }
+
+    /// Uploads until the snapshot commits, fails for good, or is cancelled: transient failures
+    /// start the upload again (it resumes from its progress log) after a growing wait.
+    async fn upload_with_retries(&self, store: &Store, job: &Job) -> Result<Manifest, UploadError> {
+        let id = &job.spec.snapshot_id;
+        let dir = self.pending_dir(id);
+        let mut delay = RETRY_FIRST;
+        loop {
+            let started = std::time::Instant::now();
+            self.metrics.snapshot.in_progress.inc();
+            let result = upload::upload(
+                store,
+                &job.spec,
+                &dir.join("clone.img"),
+                &dir.join("progress.log"),
+                &job.progress,
+                self.concurrency,
+                &job.cancel,
+            )
+            .await;
+            self.metrics.snapshot.in_progress.dec();
+            let e = match result {
+                Err(e) if !e.is_permanent() && !matches!(e, UploadError::Cancelled) => e,
+                other => return other,
+            };
+            // An attempt that ran longer than the longest wait got somewhere: start the
+            // backoff over, so a long upload with rare hiccups does not wait a minute for each.
+            if started.elapsed() > RETRY_MAX {
+                delay = RETRY_FIRST;
+            }
+            self.metrics.snapshot.retried();
+            tracing::warn!(snapshot.id = %id, error = %e, retry_in = ?delay, "snapshot upload failed transiently; retrying");
+            if let JobState::Running { last_error } = &mut *job.state.lock().expect("job state") {
+                *last_error = Some(bounded(&e.to_string()));
+            }
+            tokio::select! {
+                _ = job.cancel.cancelled() => return Err(UploadError::Cancelled),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Ends a snapshot whose upload failed for good: the failure is recorded durably first (a
+    /// restart must report it, not resume or capture again), then the image and the lease go.
+    async fn fail(&self, store: &Store, job: &Job, reason: String) {
+        let id = &job.spec.snapshot_id;
+        let dir = self.pending_dir(id);
+        let rec = FailureRecord {
+            reason: reason.clone(),
+            failed_unix_ms: now_ms(),
+        };
+        if let Err(e) = record::write(&dir.join("failed.rec"), FAILED_RECORD, &rec) {
+            tracing::error!(snapshot.id = %id, error = %e, "could not record the failure; a restart will retry the upload");
+        }
+        *job.state.lock().expect("job state") = JobState::Failed(reason);
+        for f in ["clone.img", "base.img", "progress.log"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        let _ = std::fs::remove_dir_all(dir.join("hydrating"));
+        // Nothing relies on the chunks any more; DeleteSnapshot removes the lease too, if this
+        // fails (the store may be what failed).
+        if let Err(e) = store.delete(&manifest::lease_key(id)).await {
+            tracing::warn!(snapshot.id = %id, error = %e, "could not remove the failed upload's lease");
+        }
     }
 
     async fn run_upload(self: Arc<Self>, job: Arc<Job>) {
         let Some(store) = self.store.clone() else { return };
         let id = job.spec.snapshot_id.clone();
         let dir = self.pending_dir(&id);
-        self.metrics.snapshot.in_progress.inc();
-        let result = upload::upload(
-            &store,
-            &job.spec,
-            &dir.join("clone.img"),
-            &dir.join("progress.log"),
-            &job.progress,
-            self.concurrency,
-            &job.cancel,
-        )
-        .await;
-        self.metrics.snapshot.in_progress.dec();
+        let result = self.upload_with_retries(&store, &job).await;
         match result {
             Ok(m) => {
                 let secs = (m.committed_unix_ms - m.capture_unix_ms).max(0) as f64 / 1000.0;
@@ -506,11 +633,19 @@ impl NodeSnapshots {
             Err(UploadError::Cancelled) => {}
             Err(e) => {
                 self.metrics.snapshot.failed();
-                tracing::error!(snapshot.id = %id, error = %e, "snapshot upload failed");
-                *job.state.lock().expect("job state") = JobState::Failed(e.to_string());
+                tracing::error!(snapshot.id = %id, error = %e, "snapshot upload failed for good; it will not be retried");
+                self.fail(&store, &job, bounded(&e.to_string())).await;
             }
         }
         job.done.notify_waiters();
+    }
+
+    /// Stops every upload and its retries (the agent shuts down); their records stay, so they
+    /// resume after the restart.
+    pub fn stop_uploads(&self) {
+        for job in self.jobs.lock().expect("jobs").values() {
+            job.cancel.cancel();
+        }
     }
 
     /// Uploads not yet committed.
@@ -525,8 +660,9 @@ impl NodeSnapshots {
         if let Some(job) = job {
             let notified = job.done.notified();
             job.cancel.cancel();
-            if matches!(*job.state.lock().expect("job state"), JobState::Running) {
-                // The upload stops at its next chunk; bounded so a hung store cannot hang us.
+            if matches!(*job.state.lock().expect("job state"), JobState::Running { .. }) {
+                // The upload stops at its next chunk (or its wait before the next attempt);
+                // bounded so a hung store cannot hang us.
                 let _ = tokio::time::timeout(Duration::from_secs(30), notified).await;
             }
         }
@@ -579,6 +715,18 @@ impl NodeSnapshots {
             }
         }
     }
+}
+
+/// `reason` cut to [`REASON_LEN`] bytes (on a character boundary).
+fn bounded(reason: &str) -> String {
+    if reason.len() <= REASON_LEN {
+        return reason.to_owned();
+    }
+    let mut end = REASON_LEN;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &reason[..end], reason.len())
 }
 
 impl NodeSnapshots {
@@ -764,5 +912,42 @@ impl NodeSnapshots {
             let _ = std::fs::remove_file(&tmp);
             me.fsr_jobs.lock().expect("fsr jobs").remove(&snap);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn reasons_are_bounded_on_a_char_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(REASON_LEN);
+        let b = bounded(&long);
+        assert!(b.len() < REASON_LEN + 32, "{}", b.len());
+        assert!(b.ends_with(&format!("... ({} bytes)", long.len())));
+    }
+
+    #[test]
+    fn only_transient_store_errors_are_retried() {
+        let transient = StoreError::Transient {
+            message: "503".into(),
+        };
+        let permanent = StoreError::Permanent {
+            message: "NoSuchBucket".into(),
+        };
+        assert!(!UploadError::Store(transient.clone()).is_permanent());
+        assert!(!UploadError::Manifest(manifest::ManifestError::Store(transient)).is_permanent());
+        assert!(UploadError::Store(permanent).is_permanent());
+        assert!(UploadError::RestoredGone {
+            restored: "snap-x".into()
+        }
+        .is_permanent());
+        assert!(UploadError::Io {
+            context: "read image".into(),
+            source: std::io::Error::other("EIO"),
+        }
+        .is_permanent());
     }
 }

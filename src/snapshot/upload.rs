@@ -108,6 +108,22 @@ pub enum UploadError {
     },
 }
 
+impl UploadError {
+    /// True when restarting the upload cannot help: the store refused for good (missing bucket,
+    /// denied access), the captured image or a manifest cannot be read, or the chunks the capture
+    /// relies on are gone. Transient store errors (after the store's own retries) and dropped
+    /// connections are worth another attempt; a cancelled upload is neither.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            UploadError::Store(e) | UploadError::Manifest(ManifestError::Store(e)) => e.is_permanent(),
+            UploadError::Manifest(ManifestError::Corrupt { .. }) => true,
+            UploadError::Io { .. } => true,
+            UploadError::RestoredGone { .. } => true,
+            UploadError::Cancelled => false,
+        }
+    }
+}
+
 enum Outcome {
     Zero,
     Known {

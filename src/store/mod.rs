@@ -124,6 +124,14 @@ pub async fn open_counting(
         }
         Arc::new(local::LocalStore::open(std::path::Path::new(path))?)
     };
+    // Faults for the multi-process tests, below the retries as a real store's would be.
+    let inner: Store = match std::env::var_os(unreliable::FAULTS_ENV) {
+        Some(file) if !file.is_empty() => {
+            tracing::warn!(file = ?file, "injecting store faults from a test rule file");
+            Arc::new(unreliable::Unreliable::new(inner, 0).with_fault_file(file.into()))
+        }
+        _ => inner,
+    };
     Ok(Arc::new(retry::Retrying::new(inner).counting(retries)))
 }
 

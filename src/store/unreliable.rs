@@ -1,12 +1,22 @@
 //! A fault-injecting store for tests: fails a share of operations transiently, or some keys
 //! permanently, and counts what reaches the inner store.
+//!
+//! Tests that run the real binaries (the multi-process test bed) switch faults in another
+//! process through a file named by [`FAULTS_ENV`]: [`crate::store::open`] then puts an
+//! [`Unreliable`] under the retries, which reads the file at every operation. One rule a line,
+//! `transient <key prefix>` or `permanent <key prefix>`; a missing or empty file injects nothing.
+//! Unset (always, outside tests), nothing is wrapped.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
 
 use super::{ObjectMeta, ObjectStore, Store, StoreError};
+
+/// Environment variable naming a fault rule file (tests only; see the module docs).
+pub const FAULTS_ENV: &str = "STRATA_TEST_STORE_FAULTS";
 
 /// Injects faults in front of another store.
 #[derive(Debug)]
@@ -17,6 +27,8 @@ pub struct Unreliable {
     /// Keys starting with one of these fail permanently.
     poisoned: Mutex<Vec<String>>,
     ops: AtomicU64,
+    /// Rules read at every operation (see the module docs).
+    fault_file: Option<PathBuf>,
     /// Operations that reached the inner store, by kind.
     pub gets: AtomicU64,
     /// PUTs that reached the inner store.
@@ -33,10 +45,37 @@ impl Unreliable {
             fail_every,
             poisoned: Mutex::default(),
             ops: AtomicU64::new(0),
+            fault_file: None,
             gets: AtomicU64::new(0),
             puts: AtomicU64::new(0),
             injected: AtomicU64::new(0),
         }
+    }
+
+    /// Also injects the faults the rules in `path` name, read at every operation.
+    pub fn with_fault_file(mut self, path: PathBuf) -> Self {
+        self.fault_file = Some(path);
+        self
+    }
+
+    /// The fault the rule file asks for `key`, if any.
+    fn file_fault(&self, key: &str) -> Option<StoreError> {
+        let text = std::fs::read_to_string(self.fault_file.as_ref()?).ok()?;
+        text.lines().find_map(|l| {
+            let (kind, prefix) = l.trim().split_once(' ')?;
+            if !key.starts_with(prefix.trim()) {
+                return None;
+            }
+            match kind {
+                "transient" => Some(StoreError::Transient {
+                    message: format!("injected transient failure for {key}"),
+                }),
+                "permanent" => Some(StoreError::Permanent {
+                    message: format!("injected permanent failure for {key}"),
+                }),
+                _ => None,
+            }
+        })
     }
 
     /// Makes every key starting with `prefix` fail permanently.
@@ -45,6 +84,10 @@ impl Unreliable {
     }
 
     fn gate(&self, key: &str) -> Result<(), StoreError> {
+        if let Some(e) = self.file_fault(key) {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
         if self
             .poisoned
             .lock()

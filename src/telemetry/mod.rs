@@ -26,6 +26,8 @@ pub mod names {
     pub const SNAPSHOT_CHUNKS: &str = "strata_snapshot_chunks";
     /// Snapshots committed, and uploads that failed.
     pub const SNAPSHOTS: &str = "strata_snapshots";
+    /// Snapshot uploads restarted by the agent after a transient failure.
+    pub const SNAPSHOT_UPLOAD_RETRIES: &str = "strata_snapshot_upload_retries";
     /// Time from capture to commit.
     pub const SNAPSHOT_SECONDS: &str = "strata_snapshot_seconds";
     /// Uploads running now.
@@ -135,6 +137,8 @@ pub struct SnapshotMetrics {
     pub seconds: Histogram,
     /// Uploads in progress.
     pub in_progress: prometheus_client::metrics::gauge::Gauge,
+    /// Uploads restarted after a transient failure (the store's own retries are counted apart).
+    pub upload_retries: Counter,
     restores: Family<OutcomeLabels, Counter>,
     /// Bytes fetched by restores.
     pub restore_bytes: Counter,
@@ -152,6 +156,7 @@ impl SnapshotMetrics {
             snapshots: Family::default(),
             seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
             in_progress: Default::default(),
+            upload_retries: Counter::default(),
             restores: Family::default(),
             restore_bytes: Counter::default(),
             restore_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
@@ -182,7 +187,12 @@ impl SnapshotMetrics {
         self.seconds.observe(seconds);
     }
 
-    /// Counts a failed upload.
+    /// Counts an upload restarted after a transient failure.
+    pub fn retried(&self) {
+        self.upload_retries.inc();
+    }
+
+    /// Counts an upload that failed for good.
     pub fn failed(&self) {
         self.snapshots
             .get_or_create(&OutcomeLabels {
@@ -253,6 +263,11 @@ impl Default for Metrics {
             names::SNAPSHOTS,
             "Snapshot uploads by outcome",
             m.snapshots.clone(),
+        );
+        registry.register(
+            names::SNAPSHOT_UPLOAD_RETRIES,
+            "Snapshot uploads restarted after a transient failure",
+            m.upload_retries.clone(),
         );
         registry.register(
             names::SNAPSHOT_SECONDS,

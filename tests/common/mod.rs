@@ -65,6 +65,8 @@ pub struct TestBed {
     token_file: PathBuf,
     /// Extra environment for every process.
     env: Vec<(String, String)>,
+    /// Extra environment for the nodes only (after `env`).
+    node_env: Vec<(String, String)>,
     /// The snapshot store every process uses.
     pub store_url: String,
     /// TLS files of the agent API, when it is not plaintext.
@@ -103,6 +105,9 @@ pub struct BedSpec {
     pub per_node_args: Vec<Vec<String>>,
     /// Extra arguments for the controller.
     pub controller_extra: Vec<String>,
+    /// Extra environment for the nodes only (e.g. a store fault rule file, see
+    /// `strata::store::unreliable`).
+    pub node_env: Vec<(String, String)>,
     /// Agent API over TLS with these files; `None` runs it in plaintext (`--agent-insecure`).
     pub tls: Option<BedTls>,
 }
@@ -208,6 +213,7 @@ impl TestBed {
             token_file,
             dir,
             env: spec.env.clone(),
+            node_env: spec.node_env.clone(),
             store_url,
             tls: spec.tls.clone(),
         };
@@ -302,6 +308,7 @@ impl TestBed {
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBECONFIG")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(self.node_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
