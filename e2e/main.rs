@@ -709,12 +709,14 @@ async fn group_snapshot_restores_every_member() {
         s.start(
             "db",
             &[("db-log", Mode::Fs), ("db-data", Mode::Fs)],
-            "i=0; while true; do i=$((i+1)); echo $i >> /data/seq; sync; echo $i > /data2/last; sync; sleep 0.05; done",
+            "i=0; while true; do i=$((i+1)); echo $i >> /data/seq; sync; echo $i > /data2/last; sync; \
+             [ $i = 10 ] && echo wrote-10; sleep 0.05; done",
             Place::Anywhere,
         )
         .await?;
         s.running("db").await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Snapshot a writer under way (a sync can take seconds on a busy node).
+        wait_for("the writer's first 10 entries", || async { Ok(s.logs("db").await.contains("wrote-10")) }).await?;
         let vgs = gvk(group, "VolumeGroupSnapshot");
         let mut obj = DynamicObject::new("db-group", &vgs);
         obj.data = json!({"spec": {"volumeGroupSnapshotClassName": class,
@@ -748,7 +750,7 @@ async fn group_snapshot_restores_every_member() {
         }
         // Both restored members in one pod: the log's last entry and the data's counter.
         let script = "seq=$(tail -n1 /data/seq); last=$(cat /data2/last); echo \"seq=$seq last=$last\"; \
-                      test -n \"$seq\" && test -n \"$last\" && test $((seq - last)) -ge 0 && test $((seq - last)) -le 1";
+                      test \"$seq\" -ge 10 && test -n \"$last\" && test $((seq - last)) -ge 0 && test $((seq - last)) -le 1";
         s.run("check", &[("db-log-restored", Mode::Fs), ("db-data-restored", Mode::Fs)], script, Place::Anywhere)
             .await?;
         println!("  both members restored, in step: {}", s.logs("check").await.trim());
