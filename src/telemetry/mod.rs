@@ -28,6 +28,8 @@ pub mod names {
     pub const SNAPSHOTS: &str = "strata_snapshots";
     /// Time from capture to commit.
     pub const SNAPSHOT_SECONDS: &str = "strata_snapshot_seconds";
+    /// Time mounted filesystems stayed frozen for a capture (snapshot or clone), failed or not.
+    pub const FREEZE_SECONDS: &str = "strata_snapshot_freeze_seconds";
     /// Uploads running now.
     pub const UPLOADS_IN_PROGRESS: &str = "strata_snapshot_uploads_in_progress";
     /// Restores finished, by outcome.
@@ -133,6 +135,8 @@ pub struct SnapshotMetrics {
     snapshots: Family<OutcomeLabels, Counter>,
     /// Capture-to-commit time.
     pub seconds: Histogram,
+    /// Time filesystems stayed frozen per capture.
+    pub freeze_seconds: Histogram,
     /// Uploads in progress.
     pub in_progress: prometheus_client::metrics::gauge::Gauge,
     restores: Family<OutcomeLabels, Counter>,
@@ -151,6 +155,7 @@ impl SnapshotMetrics {
             chunks: Family::default(),
             snapshots: Family::default(),
             seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            freeze_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             in_progress: Default::default(),
             restores: Family::default(),
             restore_bytes: Counter::default(),
@@ -258,6 +263,11 @@ impl Default for Metrics {
             names::SNAPSHOT_SECONDS,
             "Capture to commit, seconds",
             m.seconds.clone(),
+        );
+        registry.register(
+            names::FREEZE_SECONDS,
+            "Seconds mounted filesystems stayed frozen per capture",
+            m.freeze_seconds.clone(),
         );
         registry.register(
             names::UPLOADS_IN_PROGRESS,
