@@ -123,8 +123,9 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 /// Storage on ext4 (no reflinks) and a volume whose copy takes longer than the 1 s limit: the
 /// snapshot is refused with FAILED_PRECONDITION saying why and what to do, within the limit; the
-/// filesystem is writable right after; nothing is left behind. Unmounted, the same volume is
-/// copied (nothing is frozen, so no limit applies).
+/// filesystem is writable right after; nothing is left behind. A group snapshot with it is
+/// refused the same way, its members frozen once, together. Unmounted, the same volume is copied
+/// (nothing is frozen, so no limit applies).
 #[tokio::test]
 async fn copy_that_outlasts_the_freeze_limit_is_refused_and_thawed() {
     let port = free_port();
@@ -170,12 +171,50 @@ async fn copy_that_outlasts_the_freeze_limit_is_refused_and_thawed() {
     assert_eq!(files_in(&storage.join("snapshots")), Vec::<String>::new());
     assert_eq!(files_in(&storage.join("frozen")), Vec::<String>::new());
 
+    // A group snapshot of it and a small volume: one freeze of both, within the same limit.
+    let (small, small_staging, small_target) = mounted_volume(&bed, "small", 64 << 20, 4 << 20).await;
+    let _thaw_small = ThawOnDrop(small_staging);
+    let mut g = strata::proto::csi::group_controller_client::GroupControllerClient::new(
+        strata::client::connect_unix(&bed.controller_socket)
+            .await
+            .unwrap(),
+    );
+    let r = g
+        .create_volume_group_snapshot(pb::CreateVolumeGroupSnapshotRequest {
+            name: "too-slow-group".into(),
+            source_volume_ids: vec![id.clone(), small.clone()],
+            ..Default::default()
+        })
+        .await;
+    let status = r.expect_err("the group's copy under a 1 s freeze limit must be refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("does not support reflinks"),
+        "{status:?}"
+    );
+    for t in [&target, &small_target] {
+        assert!(
+            completed(&start_write(t, "after-group.txt"), Duration::from_secs(10)),
+            "a member stayed frozen after the refused group snapshot"
+        );
+    }
+    let (secs2, n2) = frozen_seconds(port).await;
+    assert_eq!(n2, 2, "the group froze its members once, together");
+    eprintln!("group copy refused: frozen {:.3} s", secs2 - secs);
+    assert!(
+        (1.0..=2.5).contains(&(secs2 - secs)),
+        "group frozen for {:.3} s with a 1 s limit",
+        secs2 - secs
+    );
+    assert_eq!(files_in(&storage.join("snapshots")), Vec::<String>::new());
+    assert_eq!(files_in(&storage.join("frozen")), Vec::<String>::new());
+
     // Unmounted: nothing to freeze, so the copy may take as long as it takes.
     detach(&mut bed.node(0).await, &id, &staging, &target).await;
     let s = retry_aborted!(ctl.create_snapshot(snapshot_req("unmounted", &id)))
         .expect("a snapshot of an unmounted volume copies without a freeze");
     assert!(s.into_inner().snapshot.is_some());
-    assert_eq!(frozen_seconds(port).await.1, 1, "an unmounted volume was frozen");
+    assert_eq!(frozen_seconds(port).await.1, 2, "an unmounted volume was frozen");
 }
 
 /// Storage on XFS: a snapshot of a mounted volume with data clones by reflink and keeps the
@@ -215,6 +254,10 @@ async fn reflink_storage_freezes_for_milliseconds() {
     let (secs2, n2) = frozen_seconds(port).await;
     assert_eq!(n2, 2);
     assert!(secs2 - secs < 0.5, "clone froze the source {:.3} s", secs2 - secs);
+    eprintln!(
+        "reflink clone of a mounted volume: frozen {:.1} ms",
+        (secs2 - secs) * 1000.0
+    );
 }
 
 /// `cp` processes whose command line mentions `dir` (the copy a killed agent left running).

@@ -138,11 +138,6 @@ impl Freezer {
         self
     }
 
-    /// The freeze limit.
-    pub fn max_freeze(&self) -> Duration {
-        self.max_freeze
-    }
-
     fn records_dir(&self) -> PathBuf {
         self.root.join("frozen")
     }
