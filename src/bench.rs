@@ -276,7 +276,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&clone1);
     drop_caches();
     let ((m1, reflink), secs) = timed(async {
-        let reflinked = capture::capture(&img, &clone1, None).await?;
+        let reflinked = capture::clone_file(&img, &clone1).await?;
         let spec = snap(1, "", None, reflinked);
         let m = upload::upload(
             &store,
@@ -352,7 +352,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&clone2);
     drop_caches();
     let (m2, secs) = timed(async {
-        let reflinked = capture::capture(&img, &clone2, None).await?;
+        let reflinked = capture::clone_file(&img, &clone2).await?;
         let spec = snap(2, &m1.snapshot_id, reflinked.then(|| clone1.clone()), reflinked);
         Ok(upload::upload(
             &store,

@@ -160,6 +160,11 @@ pub struct NodeArgs {
     /// are child processes.
     #[arg(long, env = "STRATA_HYDRATOR_POD_TEMPLATE")]
     pub hydrator_pod_template: Option<PathBuf>,
+    /// Longest time, in seconds, a mounted filesystem stays frozen for a snapshot or clone
+    /// (default 10). A capture that cannot finish in time (a full copy on storage without
+    /// reflinks) is stopped, thawed and refused with FAILED_PRECONDITION.
+    #[arg(long, env = "STRATA_MAX_FREEZE_SECS")]
+    pub max_freeze_secs: Option<u64>,
     /// Namespace of the hydrator pods (the node plugin's own).
     #[arg(long = "pod-namespace", env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
@@ -209,6 +214,22 @@ pub fn gc_grace(seconds: Option<u64>) -> Result<std::time::Duration, ConfigError
             crate::snapshot::gc::MIN_GRACE.as_secs()
         ))
     })
+}
+
+/// The freeze limit from its setting in seconds (default
+/// [`crate::snapshot::capture::DEFAULT_MAX_FREEZE`]): at least 1 s, and below the controller's 50 s
+/// agent timeout, so that a refused capture is answered before the caller gives up.
+pub fn max_freeze(seconds: Option<u64>) -> Result<std::time::Duration, ConfigError> {
+    let Some(s) = seconds else {
+        return Ok(crate::snapshot::capture::DEFAULT_MAX_FREEZE);
+    };
+    if !(1..=40).contains(&s) {
+        return Err(ConfigError::Invalid(format!(
+            "maxFreezeSecs {s} must be from 1 to 40: writers of a frozen volume hang, and the controller \
+             waits 50 s for the agent"
+        )));
+    }
+    Ok(std::time::Duration::from_secs(s))
 }
 
 /// Parses `node=host:port,...`.
@@ -325,6 +346,7 @@ impl NodeArgs {
             fsr_interval_ms,
             hydration_bandwidth_mib,
             hydrator_pod_template,
+            max_freeze_secs,
             pod_namespace
         ))
     }
@@ -388,6 +410,10 @@ mod tests {
             .unwrap(),
             "127.0.0.1:9".parse().unwrap()
         );
+        assert!(max_freeze(Some(0)).is_err());
+        assert!(max_freeze(Some(41)).is_err());
+        assert_eq!(max_freeze(Some(1)).unwrap().as_secs(), 1);
+        assert_eq!(max_freeze(None).unwrap().as_secs(), 10);
         assert_eq!(
             socket_path("unix:///csi/csi.sock").unwrap(),
             PathBuf::from("/csi/csi.sock")

@@ -31,7 +31,9 @@
 //!
 //! Records are written atomically (temp file, fsync, rename, fsync directory) with a magic header,
 //! version and CRC ([`volume::record`]). Kernel state (loop devices, mounts) is never cached: it is
-//! re-read from sysfs and mountinfo, so a restarted agent sees what is really there.
+//! re-read from sysfs and mountinfo, so a restarted agent sees what is really there. The one
+//! exception is a freeze: the mounts a capture is about to freeze are recorded first, so that an
+//! agent restarted after a crash mid-capture thaws them ([`snapshot::capture`]).
 
 #![warn(missing_docs)]
 

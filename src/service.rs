@@ -238,13 +238,17 @@ pub async fn run_node(args: NodeArgs, cancel: CancellationToken) -> Result<(), S
         .storage_dir
         .clone()
         .unwrap_or_else(|| "/var/lib/strata".into());
-    let manager = Arc::new(VolumeManager::open(
-        &storage,
-        &node_name,
-        args.max_volumes.unwrap_or(256),
-    )?);
-    let guard = OpGuard::default();
     let metrics = Arc::new(Metrics::default());
+    let manager = Arc::new(
+        VolumeManager::open(&storage, &node_name, args.max_volumes.unwrap_or(256))?.with_freeze_limit(
+            config::max_freeze(args.max_freeze_secs)?,
+            metrics.snapshot.freeze_seconds.clone(),
+        ),
+    );
+    // Before anything else: a capture interrupted by a crash may have left volumes frozen, and
+    // every writer of them hangs until they are thawed.
+    manager.freezer().thaw_leftovers().await;
+    let guard = OpGuard::default();
     spawn_metrics(args.metrics_addr, metrics.clone(), &cancel).await?;
 
     let store = open_store(args.store.as_deref(), &metrics).await?;

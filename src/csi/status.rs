@@ -4,6 +4,7 @@
 use tonic::{Code, Status};
 
 use crate::controller::Error as ControllerError;
+use crate::snapshot::capture::CaptureError;
 use crate::snapshot::manifest::ManifestError;
 use crate::snapshot::node::SnapshotError;
 use crate::snapshot::restore::RestoreError;
@@ -69,7 +70,13 @@ impl From<SnapshotError> for Status {
             SnapshotError::NotFound { .. } => Code::NotFound,
             SnapshotError::Manifest(ManifestError::Store(s)) => store_code(s),
             SnapshotError::Manifest(ManifestError::Corrupt { .. }) => Code::DataLoss,
-            SnapshotError::Sys(_) => Code::Internal,
+            SnapshotError::Capture(c) => match c {
+                // The storage cannot capture this volume within the freeze limit: retrying the
+                // same call cannot help until the operator changes something.
+                CaptureError::FreezeLimit { .. } => Code::FailedPrecondition,
+                CaptureError::Sys(_) | CaptureError::Record(RecordError::Io { .. }) => Code::Internal,
+                CaptureError::Record(RecordError::Corrupt { .. }) => Code::DataLoss,
+            },
             SnapshotError::Restore(r) => match r {
                 RestoreError::Store(s) => store_code(s),
                 RestoreError::MissingChunk { .. } | RestoreError::Corrupt(_) => Code::DataLoss,

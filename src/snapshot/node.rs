@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::capture::{CaptureError, CloneJob};
 use super::manifest::{self, read_manifest};
 use super::restore::{self, RestoreError};
 use super::upload::{self, now_ms, Progress, UploadError, UploadSpec};
@@ -83,9 +84,9 @@ pub enum SnapshotError {
     /// Store or manifest failure.
     #[error(transparent)]
     Manifest(#[from] manifest::ManifestError),
-    /// Capture failed.
+    /// Capture failed, or could not be made within the freeze limit.
     #[error(transparent)]
-    Sys(#[from] crate::volume::sys::SysError),
+    Capture(#[from] CaptureError),
     /// A group snapshot was promised only in part and some members are already committed.
     #[error(
         "group members {snapshot_ids:?} were captured at different times; delete the group and take it again"
@@ -367,44 +368,31 @@ impl NodeSnapshots {
         let mut mounts: Vec<PathBuf> = preps.iter().filter_map(|p| p.mount.clone()).collect();
         mounts.sort();
         mounts.dedup();
-        let mut frozen = Vec::new();
-        let mut failed: Option<SnapshotError> = None;
-        for mnt in &mounts {
-            match super::capture::freeze(mnt).await {
-                Ok(()) => frozen.push(mnt.clone()),
-                Err(e) => {
-                    failed = Some(e.into());
-                    break;
+        let jobs: Vec<CloneJob> = preps
+            .iter()
+            .map(|p| CloneJob {
+                data: p.data.clone(),
+                clone: p.dir.join("clone.img"),
+                also: p.also.clone(),
+            })
+            .collect();
+        let captured = match self
+            .manager
+            .freezer()
+            .capture(&members[0].snapshot_id, mounts, jobs)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                for p in &preps {
+                    let _ = std::fs::remove_dir_all(&p.dir);
                 }
+                return Err(e.into());
             }
-        }
-        let capture_unix_ms = now_ms();
-        let mut reflinked = Vec::new();
-        if failed.is_none() {
-            for p in &preps {
-                match super::capture::capture_with(&p.data, &p.dir.join("clone.img"), None, &p.also).await {
-                    Ok(r) => reflinked.push(r),
-                    Err(e) => {
-                        failed = Some(e.into());
-                        break;
-                    }
-                }
-            }
-        }
-        for mnt in &frozen {
-            if let Err(e) = super::capture::thaw(mnt).await {
-                tracing::error!(mount = %mnt.display(), error = %e, "thaw failed");
-                failed.get_or_insert(e.into());
-            }
-        }
-        if let Some(e) = failed {
-            for p in &preps {
-                let _ = std::fs::remove_dir_all(&p.dir);
-            }
-            return Err(e);
-        }
+        };
+        let capture_unix_ms = captured.instant_unix_ms;
         let mut specs = Vec::with_capacity(preps.len());
-        for (p, reflinked) in preps.into_iter().zip(reflinked) {
+        for (p, reflinked) in preps.into_iter().zip(captured.reflinked) {
             let m = p.member;
             // The kept image of the parent, if this capture can be compared with it by extents.
             let base = match self.manager.base(&m.volume_id)? {

@@ -30,6 +30,8 @@ pub mod names {
     pub const SNAPSHOT_UPLOAD_RETRIES: &str = "strata_snapshot_upload_retries";
     /// Time from capture to commit.
     pub const SNAPSHOT_SECONDS: &str = "strata_snapshot_seconds";
+    /// Time mounted filesystems stayed frozen for a capture (snapshot or clone), failed or not.
+    pub const FREEZE_SECONDS: &str = "strata_snapshot_freeze_seconds";
     /// Uploads running now.
     pub const UPLOADS_IN_PROGRESS: &str = "strata_snapshot_uploads_in_progress";
     /// Restores finished, by outcome.
@@ -135,6 +137,8 @@ pub struct SnapshotMetrics {
     snapshots: Family<OutcomeLabels, Counter>,
     /// Capture-to-commit time.
     pub seconds: Histogram,
+    /// Time filesystems stayed frozen per capture.
+    pub freeze_seconds: Histogram,
     /// Uploads in progress.
     pub in_progress: prometheus_client::metrics::gauge::Gauge,
     /// Uploads restarted after a transient failure (the store's own retries are counted apart).
@@ -155,6 +159,7 @@ impl SnapshotMetrics {
             chunks: Family::default(),
             snapshots: Family::default(),
             seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            freeze_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             in_progress: Default::default(),
             upload_retries: Counter::default(),
             restores: Family::default(),
@@ -273,6 +278,11 @@ impl Default for Metrics {
             names::SNAPSHOT_SECONDS,
             "Capture to commit, seconds",
             m.seconds.clone(),
+        );
+        registry.register(
+            names::FREEZE_SECONDS,
+            "Seconds mounted filesystems stayed frozen per capture",
+            m.freeze_seconds.clone(),
         );
         registry.register(
             names::UPLOADS_IN_PROGRESS,

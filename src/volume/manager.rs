@@ -10,6 +10,8 @@ use super::publish::{self, PublishEntry, PublishMode, PublishRecord};
 use super::record::{self, RecordError};
 use super::sys::{self, LoopDevice, SysError};
 use crate::ids;
+use crate::snapshot::capture::{CaptureError, CloneJob, Freezer, DEFAULT_MAX_FREEZE};
+use prometheus_client::metrics::histogram::Histogram;
 
 const VOLUME_RECORD: &str = "volume";
 const STAGE_RECORD: &str = "stage";
@@ -289,6 +291,8 @@ pub struct VolumeManager {
     max_volumes: u32,
     /// Serializes creates and expansions so two of them cannot both claim the last free bytes.
     space_lock: tokio::sync::Mutex<()>,
+    /// Freezes mounted volumes for clones and snapshots, within the node's freeze limit.
+    freezer: Freezer,
 }
 
 fn now_ms() -> i64 {
@@ -307,6 +311,7 @@ impl VolumeManager {
         }
         let root = std::fs::canonicalize(root).map_err(io(format!("resolve {}", root.display())))?;
         let m = Self {
+            freezer: Freezer::new(&root, DEFAULT_MAX_FREEZE),
             root,
             node_name: node_name.to_owned(),
             max_volumes,
@@ -326,6 +331,7 @@ impl VolumeManager {
             });
         }
         Ok(Self {
+            freezer: Freezer::new(&root, DEFAULT_MAX_FREEZE),
             root,
             node_name: String::new(),
             max_volumes: 0,
@@ -347,6 +353,18 @@ impl VolumeManager {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+
+    /// The same manager with `max_freeze` as its freeze limit, observing frozen durations in
+    /// `histogram`.
+    pub fn with_freeze_limit(mut self, max_freeze: std::time::Duration, histogram: Histogram) -> Self {
+        self.freezer = Freezer::new(&self.root, max_freeze).with_histogram(histogram);
+        self
+    }
+
+    /// Freezes mounted volumes of this storage directory for captures.
+    pub fn freezer(&self) -> &Freezer {
+        &self.freezer
     }
 
     /// The storage directory.
@@ -538,11 +556,22 @@ impl VolumeManager {
         let (tmp2, dir2, rec2) = (tmp.clone(), dir.clone(), rec.clone());
         std::fs::create_dir(&tmp).map_err(io(format!("create {}", tmp.display())))?;
         if let Some((src_data, mount, lineage)) = &clone_from {
-            if let Err(e) =
-                crate::snapshot::capture::capture(src_data, &tmp.join("data.img"), mount.as_deref()).await
-            {
+            let job = CloneJob {
+                data: src_data.clone(),
+                clone: tmp.join("data.img"),
+                also: Vec::new(),
+            };
+            let mounts: Vec<PathBuf> = mount.iter().cloned().collect();
+            if let Err(e) = self.freezer.capture(&spec.id, mounts, vec![job]).await {
                 let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e.into());
+                return Err(match e {
+                    CaptureError::Sys(e) => e.into(),
+                    CaptureError::Record(e) => e.into(),
+                    limit @ CaptureError::FreezeLimit { .. } => Error::FailedPrecondition {
+                        volume_id: spec.id.clone(),
+                        reason: format!("cannot clone the source volume while it is mounted: {limit}"),
+                    },
+                });
             }
             if let Some(l) = lineage {
                 record::write(&tmp.join("lineage.rec"), LINEAGE_RECORD, l)?;

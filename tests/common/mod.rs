@@ -101,6 +101,9 @@ pub struct BedSpec {
     pub store: StoreKind,
     /// Put each node's storage directory on its own XFS filesystem (reflink clones, FIEMAP).
     pub xfs_storage: bool,
+    /// Put each node's storage directory on its own ext4 filesystem of this many GiB (no
+    /// reflinks: clones are copies, whatever filesystem holds the temporary directory).
+    pub ext4_storage_gib: Option<u64>,
     /// Extra arguments per node (by index), after `node_args`.
     pub per_node_args: Vec<Vec<String>>,
     /// Extra arguments for the controller.
@@ -233,6 +236,16 @@ impl TestBed {
         if spec.xfs_storage {
             for n in &bed.nodes {
                 make_xfs(&bed.dir.join(format!("xfs-{}.img", n.name)), &n.storage);
+            }
+        }
+        if let Some(gib) = spec.ext4_storage_gib {
+            for n in &bed.nodes {
+                make_fs(
+                    "ext4",
+                    gib,
+                    &bed.dir.join(format!("ext4-{}.img", n.name)),
+                    &n.storage,
+                );
             }
         }
         let node_args: Vec<&str> = spec.node_args.iter().map(String::as_str).collect();
@@ -385,8 +398,14 @@ impl TestBed {
 
 /// An XFS filesystem (reflink on) in a sparse file, mounted at `mount`.
 pub fn make_xfs(image: &Path, mount: &Path) {
+    make_fs("xfs", 4, image, mount)
+}
+
+/// A filesystem `fs` (xfs with reflink on, or ext4) of `gib` GiB in a sparse file on a loop
+/// device, mounted at `mount`.
+pub fn make_fs(fs: &str, gib: u64, image: &Path, mount: &Path) {
     let f = std::fs::File::create(image).unwrap();
-    f.set_len(4 << 30).unwrap();
+    f.set_len(gib << 30).unwrap();
     let out = Command::new("losetup")
         .args(["--find", "--show"])
         .arg(image)
@@ -398,14 +417,20 @@ pub fn make_xfs(image: &Path, mount: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let ok = Command::new("mkfs.xfs")
-        .args(["-q", "-f", "-m", "reflink=1", &dev])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mkfs.xfs failed");
+    let ok = match fs {
+        "xfs" => Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-m", "reflink=1", &dev])
+            .status()
+            .unwrap(),
+        _ => Command::new(format!("mkfs.{fs}"))
+            .args(["-q", "-F", &dev])
+            .status()
+            .unwrap(),
+    };
+    assert!(ok.success(), "mkfs.{fs} failed");
     std::fs::create_dir_all(mount).unwrap();
     let ok = Command::new("mount").arg(&dev).arg(mount).status().unwrap();
-    assert!(ok.success(), "mount xfs failed");
+    assert!(ok.success(), "mount {fs} failed");
 }
 
 /// Unmounts everything below `dir` (deepest first), detaches loop devices backed by files in it,
@@ -418,9 +443,6 @@ pub fn cleanup_kernel_state(dir: &Path) {
         .filter(|m| m.mount_point.starts_with(dir))
         .partition(|m| m.fs_type.starts_with("fuse"));
     points.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
-    for m in points {
-        let _ = Command::new("umount").arg("-l").arg(&m.mount_point).status();
-    }
     let loops_in_dir = || -> Vec<String> {
         let mut out = Vec::new();
         if let Ok(entries) = std::fs::read_dir("/sys/block") {
@@ -434,7 +456,14 @@ pub fn cleanup_kernel_state(dir: &Path) {
         }
         out
     };
-    for dev in loops_in_dir() {
+    // Found before anything is unmounted: once a storage directory's own filesystem (an XFS or
+    // ext4 loop mount in `dir`) is lazily unmounted, the loop devices of the volumes on it print
+    // paths outside `dir`, and left attached they would keep that filesystem and its device busy.
+    let devices = loops_in_dir();
+    for m in points {
+        let _ = Command::new("umount").arg("-l").arg(&m.mount_point).status();
+    }
+    for dev in devices {
         let _ = Command::new("losetup").arg("-d").arg(dev).status();
     }
     // A detach can be deferred while something holds the device; its FUSE file must outlive it.

@@ -109,6 +109,8 @@ spec:
               value: {{ include "strata.int" $.Values.node.chunkSize | quote }}
             - name: STRATA_TRANSFER_CONCURRENCY
               value: {{ include "strata.int" $.Values.node.transferConcurrency | quote }}
+            - name: STRATA_MAX_FREEZE_SECS
+              value: {{ include "strata.int" $.Values.node.maxFreezeSecs | quote }}
             {{- if $.Values.metrics.enabled }}
             - name: STRATA_METRICS_ADDR
               value: "0.0.0.0:{{ include "strata.int" $cfg.metricsPort }}"
