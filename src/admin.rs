@@ -44,6 +44,22 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Byte ranges that differ between two snapshots of one lineage (from the manifests, no data
+    /// read), or with --allocated the ranges one snapshot holds data for. One `OFFSET LENGTH` line
+    /// per range, in bytes, then a summary.
+    Diff {
+        /// Base snapshot id (with --allocated: the snapshot to list).
+        base: String,
+        /// Target snapshot id (a later snapshot of the same volume, or of a volume restored from
+        /// the base's lineage).
+        target: Option<String>,
+        /// List the ranges the base snapshot holds data for instead.
+        #[arg(long)]
+        allocated: bool,
+        /// Store.
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// Human-readable bytes.
@@ -121,6 +137,45 @@ pub async fn snapshot(cmd: SnapshotCommand) -> anyhow::Result<()> {
                 );
             }
             println!("{} snapshot(s)", ms.len());
+        }
+        SnapshotCommand::Diff {
+            base,
+            target,
+            allocated,
+            store,
+        } => {
+            let store = store.open().await?;
+            let read = |id: String| {
+                let store = store.clone();
+                async move {
+                    crate::ids::check_id("snapshot id", &id).map_err(anyhow::Error::msg)?;
+                    manifest::read_manifest(&store, &id)
+                        .await?
+                        .with_context(|| format!("snapshot {id} does not exist"))
+                }
+            };
+            let b = read(base).await?;
+            let (ranges, of) = match (allocated, target) {
+                (true, None) => (crate::snapshot::diff::allocated(&b), b.size_bytes),
+                (false, Some(t)) => {
+                    let t = read(t).await?;
+                    (crate::snapshot::diff::changed(&b, &t)?, t.size_bytes)
+                }
+                (true, Some(_)) => bail!("--allocated takes one snapshot"),
+                (false, None) => bail!("give a base and a target snapshot, or --allocated and one snapshot"),
+            };
+            for r in &ranges {
+                println!("{} {}", r.offset, r.length);
+            }
+            let sum = crate::snapshot::diff::total(&ranges);
+            eprintln!(
+                "{} range(s), {} of {} ({:.1}%), in units of {}",
+                ranges.len(),
+                bytes(sum),
+                bytes(of),
+                sum as f64 * 100.0 / of.max(1) as f64,
+                bytes(u64::from(b.chunk_size))
+            );
         }
         SnapshotCommand::Show { id, store } => {
             let store = store.open().await?;
