@@ -109,7 +109,18 @@ async fn controller_reaches_agents_over_mutual_tls_and_others_are_refused() {
         token: true,
     };
     let e = call(&addr, no_cert).await.unwrap_err();
-    assert!(format!("{e:?}").contains("CertificateRequired"), "{e:?}");
+    // TLS 1.3: the client finishes its side of the handshake before the server judges the client
+    // certificate, so it sees either the server's alert or the connection closed under it —
+    // never an answer, never the token check.
+    let text = format!("{e:?}");
+    assert!(
+        text.contains("CertificateRequired")
+            || (matches!(
+                e.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            ) && text.contains("connection closed")),
+        "{e:?}"
+    );
 
     // A certificate (with the right name) from another CA: refused.
     let other_ca = make_ca(certs.path(), "other-ca");
