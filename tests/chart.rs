@@ -226,6 +226,48 @@ fn env(c: &Container, name: &str) -> Option<String> {
         .and_then(|e| e.value.clone())
 }
 
+/// Whether a label selector (`k=v` and `k in (a,b)` terms, comma-separated) matches `labels`.
+fn selector_matches(selector: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    // Split on the commas outside parentheses: a set holds commas of its own.
+    let (mut terms, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&selector[start..]);
+    terms.iter().all(|term| match term.split_once(" in ") {
+        Some((k, set)) => {
+            let set = set.trim().trim_matches(|c| c == '(' || c == ')');
+            labels
+                .get(k.trim())
+                .is_some_and(|v| set.split(',').any(|x| x.trim() == v))
+        }
+        None => {
+            let (k, v) = term.split_once('=').expect("k=v or k in (..)");
+            labels.get(k).map(String::as_str) == Some(v)
+        }
+    })
+}
+
+/// The pod template labels of a DaemonSet.
+fn pod_labels(ds: &DaemonSet) -> std::collections::BTreeMap<String, String> {
+    ds.spec
+        .clone()
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .labels
+        .unwrap()
+}
+
 #[test]
 fn chart_lints_and_renders_valid_objects() {
     let out = Command::new(helm())
@@ -388,23 +430,10 @@ fn controller_is_unprivileged_and_sidecars_are_configured() {
     assert!(token.0.len() >= 16);
     // The node agents' selector matches the DaemonSet's pod labels.
     let selector = env(strata, "STRATA_AGENT_SELECTOR").unwrap();
-    let labels = r.daemonsets[0]
-        .spec
-        .clone()
-        .unwrap()
-        .template
-        .metadata
-        .unwrap()
-        .labels
-        .unwrap();
-    for kv in selector.split(',') {
-        let (k, v) = kv.split_once('=').unwrap();
-        assert_eq!(
-            labels.get(k).map(String::as_str),
-            Some(v),
-            "selector {kv} does not match the node pods"
-        );
-    }
+    assert!(
+        selector_matches(&selector, &pod_labels(&r.daemonsets[0])),
+        "selector {selector} does not match the node pods"
+    );
 }
 
 #[test]
@@ -660,19 +689,11 @@ fn additional_daemonsets_serve_nodes_that_differ() {
     let ctl = r.deployments[0].spec.clone().unwrap().template.spec.unwrap();
     let selector = env(container(&ctl.containers, "strata"), "STRATA_AGENT_SELECTOR").unwrap();
     for ds in &r.daemonsets {
-        let labels = ds
-            .spec
-            .clone()
-            .unwrap()
-            .template
-            .metadata
-            .unwrap()
-            .labels
-            .unwrap();
-        for kv in selector.split(',') {
-            let (k, v) = kv.split_once('=').unwrap();
-            assert_eq!(labels.get(k).map(String::as_str), Some(v));
-        }
+        assert!(
+            selector_matches(&selector, &pod_labels(ds)),
+            "selector {selector} does not match {:?}",
+            ds.metadata.name
+        );
     }
 }
 
@@ -764,29 +785,7 @@ fn install_returns_only_when_every_driver_pod_serves() {
     };
     assert!(spec.active_deadline_seconds.unwrap() > w.timeout_seconds as i64);
     // The selector matches the controller and every node DaemonSet, and nothing else.
-    // "in (controller,node)" contains a comma: rebuild the terms.
-    let sel_text = w.selector.clone();
-    let (eq, set) = sel_text
-        .split_once(",app.kubernetes.io/component in ")
-        .expect("a component set");
-    let sel: Vec<String> = eq
-        .split(',')
-        .map(str::to_owned)
-        .chain(std::iter::once(format!("app.kubernetes.io/component in {set}")))
-        .collect();
-    let sel: Vec<&str> = sel.iter().map(String::as_str).collect();
-    let matches = |labels: &std::collections::BTreeMap<String, String>| {
-        sel.iter().all(|term| match term.split_once(" in ") {
-            Some((k, set)) => {
-                let set = set.trim_matches(|c| c == '(' || c == ')');
-                labels.get(k).is_some_and(|v| set.split(',').any(|x| x == v))
-            }
-            None => {
-                let (k, v) = term.split_once('=').unwrap();
-                labels.get(k).map(String::as_str) == Some(v)
-            }
-        })
-    };
+    let matches = |labels: &std::collections::BTreeMap<String, String>| selector_matches(&w.selector, labels);
     assert_eq!(r.daemonsets.len(), 2);
     for ds in &r.daemonsets {
         assert!(

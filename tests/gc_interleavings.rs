@@ -300,6 +300,19 @@ struct Run {
     gc: String,
 }
 
+impl Run {
+    /// Panics, with the GC's report and the order of calls, when the run lost data.
+    fn assert_lost_nothing(&self, context: &str) {
+        assert!(
+            self.lost.is_empty(),
+            "{context}: lost {:?}\nGC: {}\norder:\n  {}",
+            self.lost,
+            self.gc,
+            self.trace.join("\n  ")
+        );
+    }
+}
+
 async fn run_once(t: &Template, sc: Scenario, skew: Duration, how: Chooser<'_>) -> Run {
     let dir = tmp();
     let root = dir.path().join("store");
@@ -403,13 +416,7 @@ async fn explore(t: &Template, sc: Scenario, skew: Duration) -> usize {
     loop {
         let r = run_once(t, sc, skew, Chooser::Prefix(&prefix)).await;
         runs += 1;
-        assert!(
-            r.lost.is_empty(),
-            "{sc:?}, store clock {skew:?} behind: lost {:?}\nGC: {}\norder:\n  {}",
-            r.lost,
-            r.gc,
-            r.trace.join("\n  ")
-        );
+        r.assert_lost_nothing(&format!("{sc:?}, store clock {skew:?} behind"));
         let mut d = r.decisions;
         let next = loop {
             match d.pop() {
@@ -440,13 +447,7 @@ async fn lease_vanishing_between_list_and_read_loses_nothing() {
         Chooser::WriterBefore("get leases/"),
     )
     .await;
-    assert!(
-        r.lost.is_empty(),
-        "lost {:?}\nGC: {}\norder:\n  {}",
-        r.lost,
-        r.gc,
-        r.trace.join("\n  ")
-    );
+    r.assert_lost_nothing("one ordering");
 }
 
 /// Issue 10, measured fact 1 (second form): the upload commits between the GC's listings.
@@ -461,13 +462,7 @@ async fn commit_between_listings_loses_nothing() {
             Chooser::WriterBefore(between),
         )
         .await;
-        assert!(
-            r.lost.is_empty(),
-            "commit before the GC's {between}: lost {:?}\nGC: {}\norder:\n  {}",
-            r.lost,
-            r.gc,
-            r.trace.join("\n  ")
-        );
+        r.assert_lost_nothing(&format!("commit before the GC's {between}"));
     }
 }
 
@@ -483,13 +478,7 @@ async fn store_clock_behind_the_collector_loses_nothing() {
         Chooser::WriterBefore("list chunks/"),
     )
     .await;
-    assert!(
-        r.lost.is_empty(),
-        "lost {:?}\nGC: {}\norder:\n  {}",
-        r.lost,
-        r.gc,
-        r.trace.join("\n  ")
-    );
+    r.assert_lost_nothing("one ordering");
 }
 
 /// Every ordering of `sc` against a GC, at each store clock.

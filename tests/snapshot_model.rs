@@ -55,6 +55,27 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The upload of a block volume of SIZE bytes captured into `id`'s image, diffed against `parent`
+/// (empty: a full snapshot).
+fn block_spec(id: &str, volume_id: &str, parent_id: String) -> UploadSpec {
+    UploadSpec {
+        snapshot_id: id.into(),
+        name: id.into(),
+        volume_id: volume_id.into(),
+        lineage: "lin".into(),
+        parent_id,
+        capture_unix_ms: 0,
+        size_bytes: SIZE,
+        chunk_size: CHUNK,
+        fs_type: String::new(),
+        block: true,
+        tags: BTreeMap::new(),
+        reflinked: false,
+        base: None,
+        hydrating: None,
+    }
+}
+
 fn fill(seed: u8, off: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_add(((off + i) % 251) as u8) | 1)
@@ -92,23 +113,8 @@ async fn run_model(store: Store, ops: Vec<Op>, dir: &Path) {
                 let id = format!("snap-{n}");
                 let clone = dir.join(format!("{id}.img"));
                 std::fs::copy(&vol, &clone).unwrap();
-                let spec = UploadSpec {
-                    snapshot_id: id.clone(),
-                    name: id.clone(),
-                    volume_id: "vol-model".into(),
-                    lineage: "lin".into(),
-                    // The parent may have been deleted: the upload must then go in full.
-                    parent_id: last.clone().unwrap_or_default(),
-                    capture_unix_ms: 0,
-                    size_bytes: SIZE,
-                    chunk_size: CHUNK,
-                    fs_type: String::new(),
-                    block: true,
-                    tags: BTreeMap::new(),
-                    reflinked: false,
-                    base: None,
-                    hydrating: None,
-                };
+                // The parent may have been deleted: the upload must then go in full.
+                let spec = block_spec(&id, "vol-model", last.clone().unwrap_or_default());
                 let p = Progress::default();
                 let m = upload(
                     &store,
@@ -330,22 +336,7 @@ async fn worker(store: Store, world: Arc<World>, w: usize, dir: std::path::PathB
                 let id = format!("snap-w{w}-{n}");
                 let clone = dir.join(format!("{id}.img"));
                 std::fs::copy(&vol, &clone).unwrap();
-                let spec = UploadSpec {
-                    snapshot_id: id.clone(),
-                    name: id.clone(),
-                    volume_id: format!("vol-{w}"),
-                    lineage: "lin".into(),
-                    parent_id: last.clone().unwrap_or_default(),
-                    capture_unix_ms: 0,
-                    size_bytes: SIZE,
-                    chunk_size: CHUNK,
-                    fs_type: String::new(),
-                    block: true,
-                    tags: BTreeMap::new(),
-                    reflinked: false,
-                    base: None,
-                    hydrating: None,
-                };
+                let spec = block_spec(&id, &format!("vol-{w}"), last.clone().unwrap_or_default());
                 let p = Progress::default();
                 let log = dir.join(format!("{id}.progress"));
                 upload(&store, &spec, &clone, &log, &p, 4, &cancel).await.unwrap();
