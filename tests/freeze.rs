@@ -8,6 +8,7 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,56 @@ impl Drop for ThawOnDrop {
     }
 }
 
+/// Reads by a node agent — and by the `cp` it runs — from the device under its storage directory,
+/// throttled through a blkio cgroup, with the page cache dropped: a copy of `n` bytes then takes at
+/// least `n / bytes_per_sec`, however fast the machine's disk and memory are. Undone on drop (the
+/// processes go back to the root cgroup, the cgroup is removed).
+struct SlowStorage {
+    cgroup: PathBuf,
+}
+
+impl SlowStorage {
+    fn new(bed: &TestBed, node: usize, bytes_per_sec: u64) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let pid = bed.nodes[node].child.as_ref().expect("agent running").id();
+        let dev = std::fs::metadata(&bed.nodes[node].storage).unwrap().dev();
+        let (major, minor) = (
+            ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+            (dev & 0xff) | ((dev >> 12) & !0xff),
+        );
+        let cgroup = PathBuf::from(format!(
+            "/sys/fs/cgroup/blkio/strata-test-{}-{node}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&cgroup).expect("blkio cgroup (cgroup v1)");
+        let slow = SlowStorage { cgroup };
+        std::fs::write(
+            slow.cgroup.join("blkio.throttle.read_bps_device"),
+            format!("{major}:{minor} {bytes_per_sec}"),
+        )
+        .expect("read throttle on the storage device");
+        std::fs::write(slow.cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+        Self::drop_caches();
+        slow
+    }
+
+    /// Writes dirty pages back, then drops clean ones: the next copy reads from the device.
+    fn drop_caches() {
+        assert!(Command::new("sync").status().unwrap().success());
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    }
+}
+
+impl Drop for SlowStorage {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.cgroup.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.split_whitespace() {
+            let _ = std::fs::write("/sys/fs/cgroup/blkio/cgroup.procs", pid);
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
 /// The agent's freeze histogram: (sum of seconds, count).
 async fn frozen_seconds(port: u16) -> (f64, u64) {
     let m = http_get(port, "/metrics").await;
@@ -132,6 +183,8 @@ async fn copy_that_outlasts_the_freeze_limit_is_refused_and_thawed() {
     let bed = bed(Some(6), port, Some(1)).await;
     let (id, staging, target) = mounted_volume(&bed, "big", 2 * GIB, 1 << 30).await;
     let _thaw = ThawOnDrop(staging.clone());
+    // At 64 MiB/s the 1 GiB copy needs 16 s: far past the 1 s limit on any machine.
+    let slow = SlowStorage::new(&bed, 0, 64 << 20);
     let mut ctl = bed.controller().await;
 
     let started = Instant::now();
@@ -174,6 +227,7 @@ async fn copy_that_outlasts_the_freeze_limit_is_refused_and_thawed() {
     // A group snapshot of it and a small volume: one freeze of both, within the same limit.
     let (small, small_staging, small_target) = mounted_volume(&bed, "small", 64 << 20, 4 << 20).await;
     let _thaw_small = ThawOnDrop(small_staging);
+    SlowStorage::drop_caches();
     let mut g = strata::proto::csi::group_controller_client::GroupControllerClient::new(
         strata::client::connect_unix(&bed.controller_socket)
             .await
@@ -210,6 +264,7 @@ async fn copy_that_outlasts_the_freeze_limit_is_refused_and_thawed() {
     assert_eq!(files_in(&storage.join("frozen")), Vec::<String>::new());
 
     // Unmounted: nothing to freeze, so the copy may take as long as it takes.
+    drop(slow);
     detach(&mut bed.node(0).await, &id, &staging, &target).await;
     let s = retry_aborted!(ctl.create_snapshot(snapshot_req("unmounted", &id)))
         .expect("a snapshot of an unmounted volume copies without a freeze");
@@ -285,6 +340,8 @@ async fn restarted_agent_thaws_what_a_killed_one_froze() {
     let (id, staging, target) = mounted_volume(&bed, "crash", 2 * GIB, 1 << 30).await;
     let _thaw = ThawOnDrop(staging.clone());
     let storage = bed.nodes[0].storage.clone();
+    // The copy must outlast the probing below (16 s at 64 MiB/s), however fast the machine.
+    let _slow = SlowStorage::new(&bed, 0, 64 << 20);
 
     let mut ctl = bed.controller().await;
     let call = tokio::spawn(async move { ctl.create_snapshot(snapshot_req("crash-snap", &id)).await });

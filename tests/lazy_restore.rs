@@ -72,6 +72,19 @@ async fn wait_status(
     }
 }
 
+/// The hydrator's status as written after this call: it rewrites its status file every 200 ms,
+/// so one read right after some I/O may not count that I/O yet.
+async fn fresh_status(bed: &TestBed, node: usize, vol: &str) -> HydrateStatus {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    wait_status(bed, node, vol, "a status written after the I/O", |s| {
+        s.updated_unix_ms > now_ms
+    })
+    .await
+}
+
 /// Waits until the agent has retired the hydration (the volume runs on its plain file).
 async fn wait_retired(bed: &TestBed, node: usize, vol: &str) {
     let p = paths(bed, node, vol);
@@ -251,7 +264,7 @@ async fn lazy_restore_serves_reads_and_keeps_writes_while_hydrating() {
     // arriving later (checked below through a fresh loop device, past any page cache).
     random_writes(&dev, &mut model, &mut rng, 40);
     random_reads(&dev, &model, &mut rng, 200);
-    let mid = status(&bed, 1, &v);
+    let mid = fresh_status(&bed, 1, &v).await;
     assert!(
         !mid.complete(),
         "hydration finished too early for this test: {mid:?}"
@@ -524,7 +537,7 @@ async fn read_only_block_publish_while_hydrating_reads_the_snapshot() {
             "chunk {i} read through the read-only publish differs from the snapshot"
         );
     }
-    let after = status(&bed, 0, &v);
+    let after = fresh_status(&bed, 0, &v).await;
     assert!(
         after.fetched_on_demand > 0,
         "no read needed a chunk first, so nothing was proved: {after:?}"
