@@ -1,7 +1,7 @@
 //! Admin verbs that work on a store directly, no Kubernetes needed: `snapshot ls|show`,
 //! `restore`, `verify`, `gc`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use futures::stream::{self, StreamExt};
 
 use crate::proto::store::Manifest;
 use crate::snapshot::chunk::{self, Hash};
+use crate::snapshot::crypto::{codec_for, ChunkCodec, Kek, LineageKey};
 use crate::snapshot::upload::Progress;
 use crate::snapshot::{gc, manifest, restore};
 use crate::store::{Store, StoreError};
@@ -31,6 +32,117 @@ impl StoreArgs {
     }
 }
 
+/// The key-encryption key of encrypted snapshots.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// File holding the 256-bit key-encryption key of encrypted snapshots (64 hex digits or
+    /// base64, as in the class's Secret entry `encryptionKey`).
+    #[arg(long, env = "STRATA_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The key, if one was given.
+    pub fn kek(&self) -> anyhow::Result<Option<Kek>> {
+        Ok(match &self.key_file {
+            Some(p) => Some(Kek::from_file(p)?),
+            None => None,
+        })
+    }
+}
+
+/// The codec of `m`'s chunks, opening its data key with `kek` when it is encrypted.
+fn codec(m: &Manifest, kek: Option<&Kek>) -> anyhow::Result<ChunkCodec> {
+    let key = LineageKey::unwrap(m, kek)?;
+    Ok(codec_for(m, key.as_ref())?)
+}
+
+/// `strata key ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCommand {
+    /// Print a new random 256-bit key (64 hex digits), for a Secret's `encryptionKey` entry or a
+    /// key file. Its fingerprint goes to stderr.
+    Generate,
+    /// Re-wrap the data key of a lineage's snapshots under a new key-encryption key. No chunk is
+    /// read or written; afterwards only the new key opens them. Name the new key in the classes
+    /// too, so the next snapshots are wrapped under it.
+    Rotate {
+        /// Lineage id, or the id of one of its snapshots.
+        lineage: String,
+        /// Store.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The current key.
+        #[command(flatten)]
+        key: KeyArgs,
+        /// File holding the new key.
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+}
+
+/// Runs `strata key ...`.
+pub async fn key(cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Generate => {
+            let k = Kek::generate();
+            println!("{}", k.to_hex());
+            eprintln!("fingerprint {}", k.fingerprint());
+            Ok(())
+        }
+        KeyCommand::Rotate {
+            lineage,
+            store,
+            key,
+            new_key_file,
+        } => {
+            let store = store.open().await?;
+            let old = key
+                .kek()?
+                .context("--key-file (the key the snapshots are wrapped under now) is required")?;
+            let new = Kek::from_file(&new_key_file)?;
+            let ms = all_manifests(&store).await?;
+            let lineage = match ms.iter().find(|m| m.snapshot_id == lineage) {
+                Some(m) => m.lineage.clone(),
+                None => lineage,
+            };
+            let ms: Vec<Manifest> = ms.into_iter().filter(|m| m.lineage == lineage).collect();
+            if ms.is_empty() {
+                bail!("no snapshot of lineage {lineage} (give a lineage or snapshot id)");
+            }
+            // Every snapshot is checked before any is rewritten: a wrong key changes nothing.
+            let mut work = Vec::new();
+            let mut already = 0;
+            for m in &ms {
+                if m.encryption.is_none() {
+                    bail!("snapshot {} is not encrypted: nothing to rotate", m.snapshot_id);
+                }
+                if LineageKey::unwrap(m, Some(&new)).is_ok() {
+                    already += 1;
+                    continue;
+                }
+                let k = LineageKey::unwrap(m, Some(&old))?.expect("encrypted");
+                work.push((m.clone(), k.rewrapped(&new, &lineage)));
+            }
+            for (mut m, k) in work.iter().cloned() {
+                m.encryption = Some(k.record());
+                manifest::write_manifest(&store, &m).await?;
+                // A delete that ran meanwhile wrote its tombstone first: the snapshot stays deleted.
+                if store.exists(&manifest::tombstone_key(&m.snapshot_id)).await? {
+                    store.delete(&manifest::manifest_key(&m.snapshot_id)).await?;
+                }
+                eprintln!("re-wrapped {}", m.snapshot_id);
+            }
+            println!(
+                "lineage {lineage}: {} re-wrapped, {already} already under key {}",
+                work.len(),
+                new.fingerprint()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// `strata snapshot ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum SnapshotCommand {
@@ -43,6 +155,9 @@ pub enum SnapshotCommand {
         /// Store.
         #[command(flatten)]
         store: StoreArgs,
+        /// With a key: whether it opens the snapshot.
+        #[command(flatten)]
+        key: KeyArgs,
     },
     /// Byte ranges that differ between two snapshots of one lineage (from the manifests, no data
     /// read), or with --allocated the ranges one snapshot holds data for. One `OFFSET LENGTH` line
@@ -177,7 +292,7 @@ pub async fn snapshot(cmd: SnapshotCommand) -> anyhow::Result<()> {
                 bytes(u64::from(b.chunk_size))
             );
         }
-        SnapshotCommand::Show { id, store } => {
+        SnapshotCommand::Show { id, store, key } => {
             let store = store.open().await?;
             let m = manifest::read_manifest(&store, &id)
                 .await?
@@ -217,6 +332,23 @@ pub async fn snapshot(cmd: SnapshotCommand) -> anyhow::Result<()> {
                 st.chunks_reused
             );
             println!("upload time     {:.1} s", st.upload_ms as f64 / 1000.0);
+            match &m.encryption {
+                None => println!("encryption      none (plaintext chunks)"),
+                Some(e) => {
+                    println!(
+                        "encryption      {}, data key {} wrapped by key {}",
+                        e.scheme, e.key_id, e.kek_fingerprint
+                    );
+                    if let Some(kek) = key.kek()? {
+                        match LineageKey::unwrap(&m, Some(&kek)) {
+                            Ok(_) => println!("key given       {}: opens it", kek.fingerprint()),
+                            Err(e) => {
+                                println!("key given       {}: does not open it ({e})", kek.fingerprint())
+                            }
+                        }
+                    }
+                }
+            }
             let tags: BTreeMap<_, _> = m.tags.iter().collect();
             for (k, v) in tags {
                 println!("tag             {k}={v}");
@@ -255,6 +387,9 @@ pub struct RestoreArgs {
     /// Store.
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Key of an encrypted snapshot.
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 /// Runs `strata restore`, with a progress bar on stderr.
@@ -264,6 +399,8 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let m = manifest::read_manifest(&store, &args.snapshot)
         .await?
         .with_context(|| format!("snapshot {} does not exist", args.snapshot))?;
+    // Before the target is touched: a missing or wrong key changes nothing.
+    let codec = codec(&m, args.key.kek()?.as_ref())?;
     let is_device = std::fs::metadata(&args.to)
         .map(|md| md.file_type().is_block_device())
         .unwrap_or(false);
@@ -299,6 +436,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let job = restore::restore(
         &store,
         &m,
+        &codec,
         &args.to,
         &lease,
         is_device,
@@ -342,6 +480,10 @@ pub struct VerifyArgs {
     /// Store.
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Key of encrypted snapshots: without it, their chunks are checked for transport damage
+    /// (CRC) only; with it, opened and checked against their names.
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 /// Runs `strata verify`: every chunk of every (chosen) manifest is fetched and checked against its
@@ -361,17 +503,45 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         }
         v
     };
-    let unique: HashSet<Hash> = ms.iter().flat_map(crate::snapshot::upload::hashes).collect();
+    // Each chunk is checked with the codec of a snapshot naming it (keyed names never collide
+    // across lineages); `None`: encrypted and no key, so the frame only.
+    let kek = args.key.kek()?;
+    let mut sealed_without_key = 0;
+    let mut unique: HashMap<Hash, Option<ChunkCodec>> = HashMap::new();
+    for m in &ms {
+        let c = match codec(m, kek.as_ref()) {
+            Ok(c) => Some(c),
+            Err(e) => match e.downcast_ref::<crate::snapshot::crypto::KeyError>() {
+                Some(crate::snapshot::crypto::KeyError::Missing { .. }) => {
+                    sealed_without_key += 1;
+                    None
+                }
+                _ => return Err(e),
+            },
+        };
+        for h in crate::snapshot::upload::hashes(m) {
+            unique.entry(h).or_insert_with(|| c.clone());
+        }
+    }
+    if sealed_without_key > 0 {
+        eprintln!(
+            "{sealed_without_key} snapshot(s) are encrypted and no --key-file was given: their \
+             chunks are checked for damage in transit and storage (CRC), not opened"
+        );
+    }
     let started = Instant::now();
     let results: HashMap<Hash, Result<(), String>> = stream::iter(unique)
-        .map(|h| {
+        .map(|(h, codec)| {
             let store = store.clone();
             async move {
                 let r = match store.get(&chunk::key(&h)).await {
-                    Ok(obj) => tokio::task::spawn_blocking(move || chunk::decode(&h, &obj).map(drop))
-                        .await
-                        .expect("verify task panicked")
-                        .map_err(|e| e.to_string()),
+                    Ok(obj) => tokio::task::spawn_blocking(move || match codec {
+                        Some(c) => c.decode(&h, &obj).map(drop),
+                        None => chunk::split(&h, &obj).map(drop),
+                    })
+                    .await
+                    .expect("verify task panicked")
+                    .map_err(|e| e.to_string()),
                     Err(StoreError::NotFound { .. }) => Err("missing".to_string()),
                     Err(e) => Err(e.to_string()),
                 };

@@ -45,6 +45,9 @@ pub enum Command {
     /// Fast snapshot restore per zone: enable, disable, status.
     #[command(subcommand)]
     Fsr(crate::admin::FsrCommand),
+    /// Keys of encrypted snapshots: generate one, rotate a lineage's to a new one.
+    #[command(subcommand)]
+    Key(crate::admin::KeyCommand),
     /// Measure snapshot, incremental and restore throughput beside raw store, disk and restic baselines.
     Bench(crate::bench::BenchArgs),
     /// Measure the controller's memory and ListSnapshots time as the store grows (10,000 snapshots).

@@ -318,6 +318,7 @@ impl Demo {
             store: crate::admin::StoreArgs {
                 store: self.dir.join("store").to_string_lossy().into(),
             },
+            key: Default::default(),
         })
         .await?;
         step(9, "verified every chunk of every snapshot against its hash", t);

@@ -22,6 +22,7 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchController(args) => strata::bench_controller::run(args).await?,
         Command::WaitReady(args) => strata::kube::rollout::run(args).await?,
         Command::Fsr(cmd) => strata::admin::fsr(cmd).await?,
+        Command::Key(cmd) => strata::admin::key(cmd).await?,
         Command::Volume(cmd) => strata::admin_volume::volume(cmd)?,
         Command::Hydrate(args) => strata::hydrate::serve::run(args).await?,
     }

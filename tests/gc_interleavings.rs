@@ -84,6 +84,7 @@ fn spec(id: &str, parent: &str, size: u64) -> UploadSpec {
         reflinked: false,
         base: None,
         hydrating: None,
+        key: None,
     }
 }
 

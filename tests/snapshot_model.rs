@@ -73,6 +73,7 @@ fn block_spec(id: &str, volume_id: &str, parent_id: String) -> UploadSpec {
         reflinked: false,
         base: None,
         hydrating: None,
+        key: None,
     }
 }
 
@@ -190,6 +191,7 @@ async fn check_restore(store: &Store, id: &str, want: &[u8], dir: &Path) {
     restore::restore(
         store,
         &m,
+        &strata::snapshot::crypto::ChunkCodec::Plain,
         &out,
         "restore-model",
         false,
@@ -302,7 +304,19 @@ async fn restore_to(store: &Store, id: &str, out: &Path, lease: &str) -> Result<
     f.set_len(m.size_bytes).unwrap();
     drop(f);
     let p = Progress::default();
-    match restore::restore(store, &m, out, lease, false, &p, 4, &CancellationToken::new()).await {
+    match restore::restore(
+        store,
+        &m,
+        &strata::snapshot::crypto::ChunkCodec::Plain,
+        out,
+        lease,
+        false,
+        &p,
+        4,
+        &CancellationToken::new(),
+    )
+    .await
+    {
         Ok(()) => Ok(Some(std::fs::read(out).unwrap())),
         Err(restore::RestoreError::SnapshotGone { .. }) => Ok(None),
         Err(e) => Err(e.to_string()),
@@ -466,6 +480,7 @@ async fn concurrent_gc_s3_store() {
         snapshots: Vec::new(),
         concurrency: 16,
         store: strata::admin::StoreArgs { store: url.clone() },
+        key: Default::default(),
     })
     .await;
     let damaged = world.damaged.lock().unwrap().clone();

@@ -585,9 +585,19 @@ async fn upload_killed_mid_way_resumes_after_restart(store: StoreKind) {
         .set_len(m.size_bytes)
         .unwrap();
     let p = strata::snapshot::upload::Progress::default();
-    strata::snapshot::restore::restore(&store, &m, &out, "t", false, &p, 4, &Default::default())
-        .await
-        .unwrap();
+    strata::snapshot::restore::restore(
+        &store,
+        &m,
+        &strata::snapshot::crypto::ChunkCodec::Plain,
+        &out,
+        "t",
+        false,
+        &p,
+        4,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     let got = std::fs::read(&out).unwrap();
     assert!(
         got[..96 << 20] == data[..],
@@ -651,6 +661,7 @@ async fn on_xfs_unchanged_chunks_are_not_even_read() {
         strata::snapshot::restore::restore(
             &store,
             &m,
+            &strata::snapshot::crypto::ChunkCodec::Plain,
             &out,
             "t",
             false,

@@ -32,6 +32,7 @@ fn spec(id: &str, size: u64) -> UploadSpec {
         reflinked: false,
         base: None,
         hydrating: None,
+        key: None,
     }
 }
 
@@ -78,9 +79,19 @@ async fn transient_failures_are_retried_and_change_nothing() {
         .unwrap()
         .set_len(data.len() as u64)
         .unwrap();
-    restore::restore(&store, &m, &out, "r", false, &Progress::default(), 4, &cancel)
-        .await
-        .unwrap();
+    restore::restore(
+        &store,
+        &m,
+        &strata::snapshot::crypto::ChunkCodec::Plain,
+        &out,
+        "r",
+        false,
+        &Progress::default(),
+        4,
+        &cancel,
+    )
+    .await
+    .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
@@ -242,9 +253,19 @@ async fn resumed_upload_keeps_protecting_chunks_of_a_deleted_parent() {
     }
     let out = dir.path().join("out");
     std::fs::File::create(&out).unwrap().set_len(size as u64).unwrap();
-    restore::restore(&local, &m, &out, "r", false, &Progress::default(), 4, &cancel)
-        .await
-        .unwrap();
+    restore::restore(
+        &local,
+        &m,
+        &strata::snapshot::crypto::ChunkCodec::Plain,
+        &out,
+        "r",
+        false,
+        &Progress::default(),
+        4,
+        &cancel,
+    )
+    .await
+    .unwrap();
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
@@ -516,6 +537,7 @@ async fn transient_failures_are_retried_by_the_agent_until_the_upload_commits() 
     restore::restore(
         &store,
         &m,
+        &strata::snapshot::crypto::ChunkCodec::Plain,
         &out,
         "t",
         false,

@@ -8,6 +8,7 @@ use crate::csi::op_guard::OpGuard;
 use crate::hydrate::supervise::Hydrators;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_server::Agent;
+use crate::snapshot::crypto::Kek;
 use crate::snapshot::node::{Member, NodeSnapshots};
 use crate::volume::{Access, CreateSpec, VolumeManager, VolumeSource, VolumeState};
 
@@ -73,6 +74,17 @@ impl AgentService {
     }
 }
 
+/// The key-encryption key of a request: none when empty.
+fn kek_of(bytes: &[u8]) -> Result<Option<Kek>, Status> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let b: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| Status::invalid_argument(format!("kek must be 32 bytes, not {}", bytes.len())))?;
+    Ok(Some(Kek::from_bytes(b)))
+}
+
 fn id_ok(id: &str) -> Result<(), Status> {
     crate::ids::check_id("volume_id", id).map_err(Status::invalid_argument)
 }
@@ -129,15 +141,18 @@ impl Agent for AgentService {
             VolumeSource::Volume(src) => Some(self.guard.acquire(src, "CreateVolume (a clone of it)").await?),
             _ => None,
         };
+        let kek = kek_of(&r.kek)?;
         let image = match &source {
-            VolumeSource::Snapshot(snap) => self.snapshots.fast_image(snap).await,
+            VolumeSource::Snapshot(snap) => self.snapshots.fast_image(snap, kek.as_ref()).await?,
             _ => None,
         };
         // A new lazy restore takes its lease and manifest now; a repeated call finds the volume.
         let hydrate = match (&source, &image) {
-            (VolumeSource::Snapshot(snap), None) if self.manager.get(&r.volume_id).is_err() => {
-                Some(self.snapshots.hydrate_seed(&r.volume_id, snap).await?)
-            }
+            (VolumeSource::Snapshot(snap), None) if self.manager.get(&r.volume_id).is_err() => Some(
+                self.snapshots
+                    .hydrate_seed(&r.volume_id, snap, kek.as_ref())
+                    .await?,
+            ),
             _ => None,
         };
         let lease = hydrate.as_ref().map(|h| h.record.lease_id.clone());
@@ -246,6 +261,7 @@ impl Agent for AgentService {
                 &r.snapshot_id,
                 &r.name,
                 r.tags.into_iter().collect(),
+                kek_of(&r.kek)?.as_ref(),
             )
             .await?;
         Ok(Response::new(status))
@@ -284,7 +300,7 @@ impl Agent for AgentService {
         }
         let snapshots = self
             .snapshots
-            .create_group(&members, r.tags.into_iter().collect())
+            .create_group(&members, r.tags.into_iter().collect(), kek_of(&r.kek)?.as_ref())
             .await?;
         Ok(Response::new(pb::CreateGroupSnapshotResponse { snapshots }))
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::op_guard::OpGuard;
-use super::status::invalid;
+use super::status::{invalid, key_code};
 use super::validate;
 use crate::controller::directory::{from_agent, Directory};
 use crate::controller::placement::{self, Candidate};
@@ -288,6 +288,26 @@ impl ControllerService {
             }
             size = size.max(src_size);
         }
+        // An encrypted snapshot opens only with its key (the provisioner secret named by the
+        // StorageClass): checked here, before any node is asked, so a missing or wrong key leaves
+        // nothing behind.
+        let kek = crate::snapshot::crypto::Kek::from_secrets(&r.secrets, "provisioner secret")
+            .map_err(|e| Status::new(key_code(&e), e.to_string()))?;
+        if let Source::Snapshot(m) = &source {
+            if m.encryption.is_some() {
+                // Read again, not from the summaries: `strata key rotate` may have re-wrapped
+                // the data key since.
+                let fresh = match &self.store {
+                    Some(store) => crate::snapshot::manifest::read_manifest(store, &m.snapshot_id)
+                        .await
+                        .map_err(super::controller_snapshots::manifest_status)?
+                        .map(|f| self.manifests.insert(f)),
+                    None => None,
+                };
+                crate::snapshot::crypto::LineageKey::unwrap(fresh.as_ref().unwrap_or(m), kek.as_ref())
+                    .map_err(|e| Status::new(key_code(&e), e.to_string()))?;
+            }
+        }
         let id = ids::volume_id_for_name(&r.name);
         let _ticket = self.guard.acquire(&id, "CreateVolume").await?;
         let req_topo = r.accessibility_requirements.as_ref();
@@ -399,6 +419,7 @@ impl ControllerService {
                 parameters: r.parameters.clone(),
                 source_snapshot_id: src_snap.clone(),
                 source_volume_id: src_vol.clone(),
+                kek: kek.as_ref().map(|k| k.bytes().to_vec()).unwrap_or_default(),
             };
             match client.create_volume(areq).await {
                 Ok(v) => {

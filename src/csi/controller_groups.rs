@@ -147,6 +147,10 @@ impl ControllerService {
             }
         }
         let node = node.expect("at least one volume");
+        // The group snapshot class's secret (csi.storage.k8s.io/group-snapshotter-secret-name)
+        // encrypts every member.
+        let kek = crate::snapshot::crypto::Kek::from_secrets(&r.secrets, "group snapshotter secret")
+            .map_err(|e| Status::new(super::status::key_code(&e), e.to_string()))?;
         store
             .put(
                 &group_key(&gid),
@@ -170,6 +174,7 @@ impl ControllerService {
                 })
                 .collect(),
             tags,
+            kek: kek.as_ref().map(|k| k.bytes().to_vec()).unwrap_or_default(),
         };
         // The snapshot-controller creates the members' VolumeSnapshotContents from the first
         // answer that carries them and never updates their readiness from later ones (seen with

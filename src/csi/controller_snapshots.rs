@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::controller::ControllerService;
-use super::status::invalid;
+use super::status::{invalid, key_code};
 use super::validate;
 use crate::controller::directory::from_agent;
 use crate::controller::Error;
@@ -57,7 +57,7 @@ fn fsr_status(e: crate::snapshot::fsr::FsrError) -> Status {
     }
 }
 
-fn manifest_status(e: ManifestError) -> Status {
+pub(super) fn manifest_status(e: ManifestError) -> Status {
     match e {
         ManifestError::Store(s) => Status::new(super::status::store_code(&s), s.to_string()),
         ManifestError::Corrupt { .. } => Status::data_loss(e.to_string()),
@@ -123,6 +123,16 @@ impl ControllerService {
         for z in &fsr_zones {
             ids::check_id("zone", z).map_err(|e| invalid(format!("{PARAM_FSR_ZONES}: {e}")))?;
         }
+        // The snapshot class's secret (csi.storage.k8s.io/snapshotter-secret-name) holds the key
+        // that encrypts the snapshot.
+        let kek = crate::snapshot::crypto::Kek::from_secrets(&r.secrets, "snapshotter secret")
+            .map_err(|e| Status::new(key_code(&e), e.to_string()))?;
+        if kek.is_some() && !fsr_zones.is_empty() {
+            return Err(invalid(format!(
+                "{PARAM_FSR_ZONES}: fast restore of encrypted snapshots is not supported yet \
+                 (the zone's nodes would need the snapshot's key); use a class without one of the two"
+            )));
+        }
         let id = ids::snapshot_id_for_name(&r.name);
         let _ticket = self.guard.acquire(&id, "CreateSnapshot").await?;
         if let Some(m) = self.manifest(&id).await? {
@@ -177,6 +187,7 @@ impl ControllerService {
                 snapshot_id: id.clone(),
                 name: r.name.clone(),
                 tags: r.parameters.clone(),
+                kek: kek.as_ref().map(|k| k.bytes().to_vec()).unwrap_or_default(),
             })
             .await
             .map_err(|s| from_agent(&node, s))?

@@ -94,8 +94,20 @@ impl From<SnapshotError> for Status {
             // from which this call cannot succeed until the caller acts (deletes it and takes
             // another); INTERNAL would claim a broken invariant of the driver.
             SnapshotError::Failed { .. } => Code::FailedPrecondition,
+            SnapshotError::Key(k) => key_code(k),
         };
         Status::new(code, e.to_string())
+    }
+}
+
+/// The code of a key error: a key the class must name but does not, or a malformed one, is the
+/// request's fault (INVALID_ARGUMENT); a key that does not open the snapshot is PERMISSION_DENIED.
+pub fn key_code(e: &crate::snapshot::crypto::KeyError) -> Code {
+    use crate::snapshot::crypto::KeyError;
+    match e {
+        KeyError::Missing { .. } | KeyError::Invalid(_) => Code::InvalidArgument,
+        KeyError::Wrong { .. } => Code::PermissionDenied,
+        KeyError::Unsupported { .. } => Code::FailedPrecondition,
     }
 }
 

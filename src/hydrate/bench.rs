@@ -148,10 +148,13 @@ impl Cleanup {
 
 /// Runs the lazy-restore measurements of snapshot `m` (whose data is `model`, the bench volume)
 /// in `dir`, with the store at `store_url`. `raw_get` is the raw GET rate (MB/s) of the same run.
+/// `key`: the data key when `m` is encrypted.
+#[allow(clippy::too_many_arguments)]
 pub async fn measure(
     store: &Store,
     store_url: &str,
     m: &Manifest,
+    key: Option<crate::snapshot::crypto::LineageKey>,
     model: &Path,
     dir: &Path,
     concurrency: usize,
@@ -183,7 +186,7 @@ pub async fn measure(
     let lease_id = format!("bench-lazy-{}", uuid::Uuid::new_v4().simple());
     manifest::lease_chunks_of(store, m, &lease_id).await?;
     std::fs::File::create(p.data())?.set_len(size)?;
-    super::write_seed(&vol, &super::seed(m, lease_id.clone()))?;
+    super::write_seed(&vol, &super::seed(m, lease_id.clone(), key))?;
     let child = super::supervise::spawn_hydrator(&std::env::current_exe()?, &p, store_url, concurrency, 0)
         .context("start the hydrator")?;
     let mut cleanup = Cleanup {

@@ -52,6 +52,8 @@ pub struct Engine {
     map: File,
     states: Vec<AtomicU8>,
     hashes: HashMap<u64, Hash>,
+    /// Opens the snapshot's chunks (sealed when its lineage is encrypted).
+    codec: crate::snapshot::crypto::ChunkCodec,
     chunk_size: u64,
     snapshot_size: u64,
     store: Store,
@@ -103,7 +105,13 @@ pub fn initial_map(m: &Manifest) -> Vec<u8> {
 impl Engine {
     /// Opens a volume's hydration state. With `verify_fetched` (after a power loss), every
     /// "fetched" chunk is read back and checked against its hash; mismatches become absent.
-    pub fn open(paths: Paths, m: &Manifest, store: Store, verify_fetched: bool) -> std::io::Result<Self> {
+    pub fn open(
+        paths: Paths,
+        m: &Manifest,
+        codec: crate::snapshot::crypto::ChunkCodec,
+        store: Store,
+        verify_fetched: bool,
+    ) -> std::io::Result<Self> {
         let data = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -134,6 +142,7 @@ impl Engine {
             data,
             map,
             hashes,
+            codec,
             chunk_size: u64::from(m.chunk_size),
             snapshot_size: m.size_bytes,
             store,
@@ -178,7 +187,7 @@ impl Engine {
             let (off, len) = self.extent(index);
             let b = &mut buf[..len];
             self.data.read_exact_at(b, off)?;
-            if chunk::hash(b) != *h {
+            if self.codec.name(b) != *h {
                 self.set_state(index, ABSENT)?;
                 bad += 1;
             }
@@ -316,7 +325,8 @@ impl Engine {
             self.note_demand();
         }
         let (off, len) = self.extent(index);
-        let raw = tokio::task::spawn_blocking(move || chunk::decode(&h, &obj))
+        let codec = self.codec.clone();
+        let raw = tokio::task::spawn_blocking(move || codec.decode(&h, &obj))
             .await
             .expect("decode task panicked")
             .map_err(|e: ChunkError| FetchError::Permanent(e.to_string()))?;

@@ -187,12 +187,16 @@ impl Paths {
 }
 
 /// What a volume restored lazily from snapshot `m` starts with, its chunks held by `lease_id`.
-pub fn seed(m: &crate::proto::store::Manifest, lease_id: String) -> crate::volume::HydrateSeed {
+pub fn seed(
+    m: &crate::proto::store::Manifest,
+    lease_id: String,
+    key: Option<crate::snapshot::crypto::LineageKey>,
+) -> crate::volume::HydrateSeed {
     crate::volume::HydrateSeed {
         record: HydrateRecord {
             snapshot_id: m.snapshot_id.clone(),
             lease_id,
-            lineage: LineageRecord::of(m),
+            lineage: LineageRecord::of(m, key),
         },
         manifest: crate::snapshot::manifest::encode_manifest(m).to_vec(),
         map: engine::initial_map(m),

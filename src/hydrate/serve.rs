@@ -45,7 +45,8 @@ pub async fn run(args: HydrateArgs) -> anyhow::Result<()> {
     // may not have reached the disk.
     let verify = previous.as_ref().is_some_and(|p| p.boot_id != boot);
     let store = crate::store::open(&args.store).await?;
-    let engine = Arc::new(Engine::open(paths.clone(), &m, store.clone(), verify)?);
+    let codec = crate::snapshot::crypto::codec_for(&m, rec.lineage.key.as_ref())?;
+    let engine = Arc::new(Engine::open(paths.clone(), &m, codec, store.clone(), verify)?);
     engine.limit_bandwidth(args.bandwidth_mib << 20);
     let mut status = HydrateStatus {
         pid: std::process::id(),

@@ -6,15 +6,17 @@
 //! 0   4  magic "STCK"
 //! 4   1  version (1)
 //! 5   1  codec (0 none, 1 zstd)
-//! 6   1  crypto (0 none)
+//! 6   1  crypto (0 none, 1 AES-256-GCM: payload = nonce, ciphertext, tag; see `crypto`)
 //! 7   1  reserved (0)
 //! 8   4  raw length, little endian
 //! 12  4  CRC32 of the payload, little endian
 //! 16  .. payload
 //! ```
 //!
-//! The object key is `chunks/<aa>/<bb>/<hex>` where `<hex>` is the BLAKE3 of the raw bytes; a read
-//! checks the CRC (transport damage) and then the BLAKE3 of the decoded bytes (the right chunk).
+//! The object key is `chunks/<aa>/<bb>/<hex>` where `<hex>` is the BLAKE3 of the raw bytes (keyed,
+//! in an encrypted lineage); a read checks the CRC (transport damage), opens the seal when
+//! encrypted, and then checks the name of the decoded bytes (the right chunk). Callers go through
+//! [`super::crypto::ChunkCodec`], which picks plaintext or sealed per snapshot.
 
 use bytes::Bytes;
 
@@ -85,8 +87,27 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
     })
 }
 
-/// Encodes raw bytes as a chunk object (zstd when it helps).
-pub fn encode(raw: &[u8], level: i32) -> Bytes {
+/// `crypto` byte of a plaintext chunk.
+pub const CRYPTO_NONE: u8 = 0;
+/// `crypto` byte of a chunk sealed with AES-256-GCM (see [`super::crypto`]).
+pub const CRYPTO_AES_256_GCM: u8 = 1;
+/// Length of the header part that sealed chunks authenticate (everything but the CRC).
+pub const AAD_HEADER: usize = 12;
+
+/// The parsed header of a chunk object.
+pub struct Header {
+    /// Its first [`AAD_HEADER`] bytes as stored.
+    pub bytes: [u8; AAD_HEADER],
+    /// 0 none, 1 zstd.
+    pub codec: u8,
+    /// [`CRYPTO_NONE`] or [`CRYPTO_AES_256_GCM`].
+    pub crypto: u8,
+    /// Length of the raw chunk.
+    pub raw_len: usize,
+}
+
+/// Compresses raw bytes when it helps: (codec, payload).
+pub fn compress(raw: &[u8], level: i32) -> (u8, std::borrow::Cow<'_, [u8]>) {
     let compressed = if worth_compressing(raw, level) {
         zstd::bulk::compress(raw, level)
             .ok()
@@ -94,21 +115,40 @@ pub fn encode(raw: &[u8], level: i32) -> Bytes {
     } else {
         None
     };
-    let (codec, payload): (u8, &[u8]) = match &compressed {
-        Some(c) => (1, c),
-        None => (0, raw),
-    };
+    match compressed {
+        Some(c) => (1, std::borrow::Cow::Owned(c)),
+        None => (0, std::borrow::Cow::Borrowed(raw)),
+    }
+}
+
+/// The authenticated part of a header.
+pub fn header(codec: u8, crypto: u8, raw_len: usize) -> [u8; AAD_HEADER] {
+    let mut h = [0u8; AAD_HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[5] = codec;
+    h[6] = crypto;
+    h[8..12].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h
+}
+
+/// A chunk object: header, CRC of the payload, payload.
+pub fn assemble(header: [u8; AAD_HEADER], payload: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[VERSION, codec, 0, 0]);
-    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     out.extend_from_slice(payload);
     Bytes::from(out)
 }
 
-/// Decodes a chunk object and checks that it is the chunk `expected`.
-pub fn decode(expected: &Hash, data: &[u8]) -> Result<Vec<u8>, ChunkError> {
+/// Encodes raw bytes as a plaintext chunk object (zstd when it helps).
+pub fn encode(raw: &[u8], level: i32) -> Bytes {
+    let (codec, payload) = compress(raw, level);
+    assemble(header(codec, CRYPTO_NONE, raw.len()), &payload)
+}
+
+/// Checks the frame of the object stored as `expected` (magic, version, CRC): its header and payload.
+pub fn split<'a>(expected: &Hash, data: &'a [u8]) -> Result<(Header, &'a [u8]), ChunkError> {
     let corrupt = |reason: &str| ChunkError::Corrupt {
         hash: hex(expected),
         reason: reason.to_owned(),
@@ -119,27 +159,68 @@ pub fn decode(expected: &Hash, data: &[u8]) -> Result<Vec<u8>, ChunkError> {
     if data[4] != VERSION {
         return Err(corrupt(&format!("unsupported chunk version {}", data[4])));
     }
-    if data[6] != 0 {
-        return Err(corrupt("encrypted chunk, no key given"));
-    }
-    let raw_len = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes"));
     let payload = &data[HEADER..];
     if crc32fast::hash(payload) != crc {
         return Err(corrupt("payload checksum mismatch"));
     }
-    let raw = match data[5] {
-        0 => payload.to_vec(),
-        1 => zstd::bulk::decompress(payload, raw_len).map_err(|e| corrupt(&format!("zstd: {e}")))?,
+    let header = Header {
+        bytes: data[..AAD_HEADER].try_into().expect("12 bytes"),
+        codec: data[5],
+        crypto: data[6],
+        raw_len: u32::from_le_bytes(data[8..12].try_into().expect("4 bytes")) as usize,
+    };
+    Ok((header, payload))
+}
+
+/// Undoes [`compress`].
+pub fn decompress(
+    expected: &Hash,
+    codec: u8,
+    raw_len: usize,
+    payload: Vec<u8>,
+) -> Result<Vec<u8>, ChunkError> {
+    let corrupt = |reason: &str| ChunkError::Corrupt {
+        hash: hex(expected),
+        reason: reason.to_owned(),
+    };
+    let raw = match codec {
+        0 => payload,
+        1 => zstd::bulk::decompress(&payload, raw_len).map_err(|e| corrupt(&format!("zstd: {e}")))?,
         c => return Err(corrupt(&format!("unknown codec {c}"))),
     };
     if raw.len() != raw_len {
         return Err(corrupt("decoded length differs from header"));
     }
+    Ok(raw)
+}
+
+/// Decodes a plaintext chunk object and checks that it is the chunk `expected`.
+pub fn decode(expected: &Hash, data: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    let (header, payload) = split(expected, data)?;
+    if header.crypto != CRYPTO_NONE {
+        return Err(ChunkError::Corrupt {
+            hash: hex(expected),
+            reason: "encrypted chunk, no key given".into(),
+        });
+    }
+    let raw = decompress(expected, header.codec, header.raw_len, payload.to_vec())?;
     if &hash(&raw) != expected {
-        return Err(corrupt("content does not match its hash"));
+        return Err(ChunkError::Corrupt {
+            hash: hex(expected),
+            reason: "content does not match its hash".into(),
+        });
     }
     Ok(raw)
+}
+
+/// The object with its CRC recomputed (tests of what the CRC alone would not catch).
+#[cfg(test)]
+pub(crate) fn with_fresh_crc(obj: &[u8]) -> Vec<u8> {
+    let mut v = obj.to_vec();
+    let crc = crc32fast::hash(&v[HEADER..]);
+    v[12..16].copy_from_slice(&crc.to_le_bytes());
+    v
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod chunk;
+pub mod crypto;
 pub mod diff;
 pub mod fsr;
 pub mod gc;

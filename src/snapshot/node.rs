@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::capture::{CaptureError, CloneJob};
+use super::crypto::{Kek, KeyError, LineageKey};
 use super::manifest::{self, read_manifest};
 use super::restore::{self, RestoreError};
 use super::upload::{self, now_ms, Progress, UploadError, UploadSpec};
@@ -98,6 +99,9 @@ pub enum SnapshotError {
     /// A restore failed for good (data missing or corrupt).
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// A key is missing, wrong or malformed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// The snapshot's upload failed for good: it will never be ready.
     #[error(
         "snapshot {snapshot_id} failed and will not become ready: {reason}; delete it and take a new snapshot"
@@ -284,13 +288,16 @@ impl NodeSnapshots {
         snapshot_id: &str,
         name: &str,
         tags: std::collections::BTreeMap<String, String>,
+        kek: Option<&Kek>,
     ) -> Result<SnapshotStatus, SnapshotError> {
         let member = Member {
             volume_id: volume_id.into(),
             snapshot_id: snapshot_id.into(),
             name: name.into(),
         };
-        let mut statuses = self.create_group(std::slice::from_ref(&member), tags).await?;
+        let mut statuses = self
+            .create_group(std::slice::from_ref(&member), tags, kek)
+            .await?;
         Ok(statuses.remove(0))
     }
 
@@ -332,11 +339,12 @@ impl NodeSnapshots {
     /// Captures several volumes of this node at one instant (every mounted filesystem frozen
     /// before the first clone and thawed after the last: crash-consistent across them), then
     /// uploads each in the background. Repeated calls report progress. One member is a plain
-    /// CreateSnapshot.
+    /// CreateSnapshot. With `kek`, every member is encrypted (see [`Self::prepare`]).
     pub async fn create_group(
         self: &Arc<Self>,
         members: &[Member],
         tags: std::collections::BTreeMap<String, String>,
+        kek: Option<&Kek>,
     ) -> Result<Vec<SnapshotStatus>, SnapshotError> {
         let store = self.store()?.clone();
         let mut known = Vec::with_capacity(members.len());
@@ -363,7 +371,7 @@ impl NodeSnapshots {
         }
         let mut preps = Vec::with_capacity(members.len());
         for m in members {
-            preps.push(self.prepare(m)?);
+            preps.push(self.prepare(m, kek)?);
         }
         let mut mounts: Vec<PathBuf> = preps.iter().filter_map(|p| p.mount.clone()).collect();
         mounts.sort();
@@ -416,6 +424,7 @@ impl NodeSnapshots {
                 reflinked,
                 base,
                 hydrating: p.hydrating,
+                key: p.lineage.key,
             });
         }
         // Only now are the snapshots promised: the records make a restart resume them.
@@ -435,17 +444,41 @@ impl NodeSnapshots {
     }
 
     /// Everything a member's capture needs, before anything is frozen.
-    fn prepare(&self, m: &Member) -> Result<Prepared, SnapshotError> {
+    ///
+    /// Encryption: an encrypted lineage stays encrypted with its data key (re-wrapped under `kek`
+    /// when one is given and it is another key: rotation by a class change). A plaintext volume
+    /// snapshotted with a `kek` starts a new encrypted lineage (its first snapshot is full:
+    /// plaintext chunks cannot be reused).
+    fn prepare(&self, m: &Member, kek: Option<&Kek>) -> Result<Prepared, SnapshotError> {
         let v = self.manager.get(&m.volume_id)?;
-        let lineage = self
-            .manager
-            .lineage(&m.volume_id)?
-            .unwrap_or_else(|| LineageRecord {
-                lineage: format!("lin-{}", uuid::Uuid::new_v4()),
+        let new_lineage = |key: Option<&Kek>| {
+            let lineage = format!("lin-{}", uuid::Uuid::new_v4());
+            LineageRecord {
+                key: key.map(|k| LineageKey::generate(k, &lineage)),
+                lineage,
                 last_snapshot_id: String::new(),
                 last_capture_unix_ms: 0,
                 chunk_size: self.chunk_size,
-            });
+            }
+        };
+        let lineage = match (self.manager.lineage(&m.volume_id)?, kek) {
+            (None, kek) => new_lineage(kek),
+            (Some(l), Some(kek)) if l.key.is_none() => {
+                tracing::info!(volume.id = %m.volume_id, old_lineage = %l.lineage, "an encrypted snapshot of a plaintext volume starts a new lineage (full upload)");
+                new_lineage(Some(kek))
+            }
+            (Some(mut l), Some(kek)) => {
+                let key = l.key.take().expect("checked above");
+                l.key = Some(if key.kek_fingerprint == kek.fingerprint() {
+                    key
+                } else {
+                    tracing::info!(volume.id = %m.volume_id, lineage = %l.lineage, from = %key.kek_fingerprint, to = %kek.fingerprint(), "data key re-wrapped under the class's key");
+                    key.rewrapped(kek, &l.lineage)
+                });
+                l
+            }
+            (Some(l), None) => l,
+        };
         let dir = self.pending_dir(&m.snapshot_id);
         let io = |d: &Path| {
             let context = format!("create {}", d.display());
@@ -599,7 +632,7 @@ impl NodeSnapshots {
                 self.metrics
                     .snapshot
                     .committed(&m.stats.unwrap_or_default(), secs);
-                let lineage = LineageRecord::of(&m);
+                let lineage = LineageRecord::of(&m, job.spec.key.clone());
                 if let Err(e) = self.manager.record_snapshot(&m.volume_id, &lineage) {
                     tracing::warn!(snapshot.id = %id, error = %e, "could not record the snapshot as the volume's parent");
                 }
@@ -670,16 +703,19 @@ impl NodeSnapshots {
     /// Prepares a lazy restore of `volume_id` from `snapshot_id`: a lease protects the snapshot's
     /// chunks from here until the hydration completes (or the volume is deleted), and the
     /// manifest is kept with the volume so a snapshot deleted meanwhile cannot stop it.
+    /// An encrypted snapshot needs `kek`; it is checked before anything is written.
     pub async fn hydrate_seed(
         &self,
         volume_id: &str,
         snapshot_id: &str,
+        kek: Option<&Kek>,
     ) -> Result<HydrateSeed, SnapshotError> {
         let store = self.store()?;
         let not_found = || SnapshotError::NotFound {
             snapshot_id: snapshot_id.to_owned(),
         };
         let m = read_manifest(store, snapshot_id).await?.ok_or_else(not_found)?;
+        let key = LineageKey::unwrap(&m, kek)?;
         let lease_id = format!("restore-{volume_id}");
         manifest::lease_chunks_of(store, &m, &lease_id)
             .await
@@ -692,7 +728,7 @@ impl NodeSnapshots {
             self.drop_lease(&lease_id).await;
             return Err(not_found());
         }
-        Ok(crate::hydrate::seed(&m, lease_id))
+        Ok(crate::hydrate::seed(&m, lease_id, key))
     }
 
     /// Drops a restore lease (the volume is gone); a failure only delays garbage collection.
@@ -730,12 +766,20 @@ impl NodeSnapshots {
     }
 
     /// A fast-restore image of a committed snapshot, with the lineage a volume cloned from it
-    /// continues; `None` when this node holds no ready image.
-    pub async fn fast_image(&self, snapshot_id: &str) -> Option<(PathBuf, LineageRecord)> {
-        let image = self.fsr_image(snapshot_id)?;
-        let m = read_manifest(self.store.as_ref()?, snapshot_id).await.ok()??;
-        let lineage = LineageRecord::of(&m);
-        Some((image, lineage))
+    /// continues; `None` when this node holds no ready image. An encrypted snapshot needs `kek`.
+    pub async fn fast_image(
+        &self,
+        snapshot_id: &str,
+        kek: Option<&Kek>,
+    ) -> Result<Option<(PathBuf, LineageRecord)>, SnapshotError> {
+        let Some(image) = self.fsr_image(snapshot_id) else {
+            return Ok(None);
+        };
+        let Some(m) = read_manifest(self.store()?, snapshot_id).await? else {
+            return Ok(None);
+        };
+        let key = LineageKey::unwrap(&m, kek)?;
+        Ok(Some((image, LineageRecord::of(&m, key))))
     }
 
     /// Keeps this node's fast-restore images in line with what its zone enables, and publishes the
@@ -871,10 +915,14 @@ impl NodeSnapshots {
                         context: "size image".into(),
                         source,
                     })?;
+                // Fast-restore images are built by the zone's nodes on their own, with no class
+                // secret at hand: an encrypted snapshot's data key is not theirs to open.
+                let codec = super::crypto::codec_for(&m, None)?;
                 let lease = format!("fsr-{}-{snap}", me.manager.node_name());
                 restore::restore(
                     &store,
                     &m,
+                    &codec,
                     &tmp,
                     &lease,
                     false,

@@ -11,6 +11,7 @@ use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::chunk::{self, ChunkError, Hash};
+use super::crypto::ChunkCodec;
 use super::manifest::{self, lease_key};
 use super::upload::Progress;
 use crate::proto::store::Manifest;
@@ -55,10 +56,13 @@ pub enum RestoreError {
 
 /// Writes the snapshot `m` into `target` (already at least `m.size_bytes` long). `lease_id` names
 /// the lease that protects the chunks while this runs. With `zero_fill`, chunks absent from the
-/// manifest are written as zeros (for targets that may hold old data).
+/// manifest are written as zeros (for targets that may hold old data). `codec` opens its chunks
+/// (see [`super::crypto::codec_for`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn restore(
     store: &Store,
     m: &Manifest,
+    codec: &ChunkCodec,
     target: &Path,
     lease_id: &str,
     zero_fill: bool,
@@ -67,7 +71,7 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> Result<(), RestoreError> {
     manifest::lease_chunks_of(store, m, lease_id).await?;
-    let result = restore_leased(store, m, target, zero_fill, progress, concurrency, cancel).await;
+    let result = restore_leased(store, m, codec, target, zero_fill, progress, concurrency, cancel).await;
     // The lease is dropped whatever happened; a failed restore starts over with a new one.
     if let Err(e) = store.delete(&lease_key(lease_id)).await {
         tracing::warn!(lease = %lease_id, error = %e, "could not remove restore lease");
@@ -75,9 +79,11 @@ pub async fn restore(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn restore_leased(
     store: &Store,
     m: &Manifest,
+    codec: &ChunkCodec,
     target: &Path,
     zero_fill: bool,
     progress: &Progress,
@@ -121,7 +127,7 @@ async fn restore_leased(
     items.extend(zeros.into_iter().map(|i| (i, Vec::new())));
     let fetches = stream::iter(items)
         .map(|(index, hash): (u64, Vec<u8>)| {
-            let file = file.clone();
+            let (file, codec) = (file.clone(), codec.clone());
             async move {
                 if cancel.is_cancelled() {
                     return Err(RestoreError::Cancelled);
@@ -150,7 +156,7 @@ async fn restore_leased(
                 };
                 tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
                     let raw = match data {
-                        Some((h, obj)) => chunk::decode(&h, &obj)?,
+                        Some((h, obj)) => codec.decode(&h, &obj)?,
                         None => vec![0u8; len],
                     };
                     file.write_all_at(&raw[..len.min(raw.len())], off)

@@ -18,6 +18,7 @@ use futures::stream::{self, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::chunk::{self, Hash};
+use super::crypto::{ChunkCodec, LineageKey};
 use super::manifest::{self, lease_key, read_manifest, ManifestError};
 use crate::proto::store::{ChunkRef, Codec, Lease, Manifest, Stats};
 use crate::store::{Store, StoreError};
@@ -59,6 +60,25 @@ pub struct UploadSpec {
     /// snapshot's (and may be absent from the image): taken from its manifest, never read.
     #[serde(default)]
     pub hydrating: Option<PathBuf>,
+    /// The data key of an encrypted lineage (absent: plaintext). Kept with the pending upload so a
+    /// restarted agent resumes it sealed the same way.
+    #[serde(default)]
+    pub key: Option<LineageKey>,
+}
+
+impl UploadSpec {
+    /// The codec of this upload's chunks.
+    pub fn codec(&self) -> ChunkCodec {
+        self.key.as_ref().map_or(ChunkCodec::Plain, ChunkCodec::sealed)
+    }
+
+    /// Whether chunks of snapshot `m` may be reused here: same lineage, chunking and data key.
+    fn shares_chunks_with(&self, m: &Manifest) -> bool {
+        m.lineage == self.lineage
+            && m.chunk_size == self.chunk_size
+            && m.encryption.as_ref().map(|e| e.key_id.as_str())
+                == self.key.as_ref().map(LineageKey::key_id).as_deref()
+    }
 }
 
 /// Live progress, shared with status queries and metrics.
@@ -174,7 +194,7 @@ struct RestoredChunks {
     zero: HashSet<u64>,
 }
 
-fn restored_chunks(dir: &Path, chunk_size: u32) -> Result<RestoredChunks, UploadError> {
+fn restored_chunks(dir: &Path, spec: &UploadSpec) -> Result<RestoredChunks, UploadError> {
     let io = |what: &str| {
         let context = format!("read {} of the hydrating volume", dir.join(what).display());
         move |source| UploadError::Io { context, source }
@@ -184,8 +204,8 @@ fn restored_chunks(dir: &Path, chunk_size: u32) -> Result<RestoredChunks, Upload
         &std::fs::read(dir.join("hydrate.manifest")).map_err(io("hydrate.manifest"))?,
     )?;
     let map = std::fs::read(dir.join("hydrate.map")).map_err(io("hydrate.map"))?;
-    if m.chunk_size != chunk_size {
-        // Another lineage's chunking: nothing can be matched by index.
+    if !spec.shares_chunks_with(&m) {
+        // Another lineage's chunking or key: nothing can be matched by index.
         return Ok(RestoredChunks::default());
     }
     let mut out = RestoredChunks {
@@ -242,7 +262,8 @@ pub async fn upload(
     } else {
         read_manifest(store, &spec.parent_id).await?
     };
-    let parent = parent.filter(|p| p.chunk_size == spec.chunk_size);
+    let parent = parent.filter(|p| spec.shares_chunks_with(p));
+    let codec = spec.codec();
     let mut parent_chunks: HashMap<Hash, u32> = parent
         .iter()
         .flat_map(|p| p.chunks.iter())
@@ -254,7 +275,7 @@ pub async fn upload(
     // parent that may be gone by now): the new lease must go on protecting them.
     let done = Arc::new(load_progress(progress_log));
     let restored = Arc::new(match &spec.hydrating {
-        Some(dir) => restored_chunks(dir, spec.chunk_size)?,
+        Some(dir) => restored_chunks(dir, spec)?,
         None => RestoredChunks::default(),
     });
     let mut leased: HashSet<Hash> = parent_chunks.keys().copied().collect();
@@ -344,6 +365,7 @@ pub async fn upload(
                 (file.clone(), ranges.clone(), parent_chunks.clone(), done.clone());
             let (unchanged, parent_index) = (unchanged.clone(), parent_index.clone());
             let restored = restored.clone();
+            let codec = codec.clone();
             async move {
                 if cancel.is_cancelled() {
                     return Err(UploadError::Cancelled);
@@ -393,11 +415,11 @@ pub async fn upload(
                     if chunk::is_zero(&buf) {
                         return Ok((len, None));
                     }
-                    let hash = chunk::hash(&buf);
+                    let hash = codec.name(&buf);
                     if let Some(&stored) = parent_chunks.get(&hash) {
                         return Ok((len, Some((hash, Err(stored)))));
                     }
-                    Ok((len, Some((hash, Ok(chunk::encode(&buf, 1))))))
+                    Ok((len, Some((hash, Ok(codec.encode(&hash, &buf, 1))))))
                 })
                 .await
                 .expect("chunk task panicked")
@@ -509,8 +531,9 @@ pub async fn upload(
         fs_type: spec.fs_type.clone(),
         block: spec.block,
         committed_unix_ms: now_ms(),
+        encryption: spec.key.as_ref().map(LineageKey::record),
     };
-    fence(store, &file, &put_here, size, cs, cancel).await?;
+    fence(store, &codec, &file, &put_here, size, cs, cancel).await?;
     if cancel.is_cancelled() {
         return Err(UploadError::Cancelled);
     }
@@ -528,6 +551,7 @@ pub async fn upload(
 /// lease protects the chunk (see `super::gc`).
 async fn fence(
     store: &Store,
+    codec: &ChunkCodec,
     file: &Arc<std::fs::File>,
     chunks: &[(u64, Hash)],
     size: u64,
@@ -565,17 +589,17 @@ async fn fence(
             "chunks removed by a concurrent GC sweep (same content as garbage): uploading them again"
         );
         for (index, hash) in missing {
-            let f = file.clone();
+            let (f, codec) = (file.clone(), codec.clone());
             let (off, len) = (index * cs, cs.min(size - index * cs));
             let encoded = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
                 let mut buf = vec![0u8; len as usize];
                 f.read_exact_at(&mut buf, off)?;
-                if chunk::hash(&buf) != hash {
+                if codec.name(&buf) != hash {
                     return Err(std::io::Error::other(
                         "the captured image changed during the upload",
                     ));
                 }
-                Ok(chunk::encode(&buf, 1))
+                Ok(codec.encode(&hash, &buf, 1))
             })
             .await
             .expect("chunk task panicked")

@@ -149,16 +149,22 @@ pub struct LineageRecord {
     pub last_capture_unix_ms: i64,
     /// Chunk size, fixed per lineage.
     pub chunk_size: u32,
+    /// The data key of an encrypted lineage (absent: plaintext). Every snapshot of the volume is
+    /// sealed with it, whatever the class says, so an encrypted lineage stays encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::snapshot::crypto::LineageKey>,
 }
 
 impl LineageRecord {
-    /// The lineage a volume continues after snapshot `m` (its own, or the one it was restored from).
-    pub fn of(m: &crate::proto::store::Manifest) -> Self {
+    /// The lineage a volume continues after snapshot `m` (its own, or the one it was restored
+    /// from), with `m`'s data key when it is encrypted.
+    pub fn of(m: &crate::proto::store::Manifest, key: Option<crate::snapshot::crypto::LineageKey>) -> Self {
         Self {
             lineage: m.lineage.clone(),
             last_snapshot_id: m.snapshot_id.clone(),
             last_capture_unix_ms: m.capture_unix_ms,
             chunk_size: m.chunk_size,
+            key,
         }
     }
 }

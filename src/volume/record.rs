@@ -53,7 +53,13 @@ pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<(), Rec
         uuid::Uuid::new_v4().simple()
     ));
     let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        // Owner only: records of encrypted lineages hold their data keys.
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
         f.write_all(&bytes).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, path).map_err(io_err(path))?;
