@@ -506,6 +506,31 @@ fn group_snapshots_are_opt_in_with_their_flag_and_rbac() {
     }
 }
 
+/// Classes name Secrets for encryption keys; the sidecars read them with the controller's account:
+/// `get` on Secrets of the release namespace only (a Role), never `list` or `watch`, never
+/// cluster-wide, and none at all when turned off.
+#[test]
+fn encryption_secrets_are_readable_by_get_only_and_can_be_turned_off() {
+    let secret_verbs = |sets: &[&str]| -> Vec<String> {
+        let r = check(&render(sets));
+        assert!(
+            r.cluster_roles
+                .iter()
+                .flat_map(|c| c.rules.clone().unwrap_or_default())
+                .all(|rule| !rule.resources.iter().flatten().any(|x| x == "secrets")),
+            "a ClusterRole grants Secrets"
+        );
+        r.roles
+            .iter()
+            .flat_map(|c| c.rules.clone().unwrap_or_default())
+            .filter(|r| r.resources.iter().flatten().any(|x| x == "secrets"))
+            .flat_map(|r| r.verbs)
+            .collect()
+    };
+    assert_eq!(secret_verbs(&["store.bucket=bkt"]), vec!["get".to_string()]);
+    assert!(secret_verbs(&["store.bucket=bkt", "encryption.readClassSecrets=false"]).is_empty());
+}
+
 #[test]
 fn examples_parse_and_use_the_driver() {
     use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
